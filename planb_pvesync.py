@@ -1,0 +1,2006 @@
+#!/usr/bin/env python3
+"""planb-pvesync: back up the ZFS disks of Proxmox VE guests to a ZFS backup host.
+
+It asks the cluster's API which guests exist and where their disks live, then
+pulls each disk with `ssh NODE 'sudo zfs send ... | compress' | decompress |
+sudo zfs recv DEST`, incrementally, from snapshot to snapshot.
+
+Read top to bottom: errors, config, PVE discovery, the host runner, the ZFS
+listing and the sync planner, the pipeline, the sync engine, the CLI.
+"""
+
+import argparse
+import configparser
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import proxmoxer
+import proxmoxer.backends.https
+import proxmoxer.core
+import requests
+import requests.adapters
+import urllib3
+
+__version__ = '0.2.0'
+
+log = logging.getLogger('planb_pvesync')
+
+DEFAULT_CONFIG = '~/.proxmoxrc'
+DEFAULT_API_PORT = 8006
+DEFAULT_API_TIMEOUT = 10
+# Preferred first where the server offers it: AES-GCM costs far less CPU than
+# ssh's default chacha20-poly1305 on any CPU with AES instructions.
+DEFAULT_SSH_CIPHERS = ('aes128-gcm@openssh.com,aes256-gcm@openssh.com,'
+                       'chacha20-poly1305@openssh.com')
+CONFIG_WORKERS = 16
+
+
+# ==============================================================================
+# Errors and exit codes
+# ==============================================================================
+
+EXIT_OK = 0
+EXIT_FAILED = 1         # some volumes failed; the others were still attempted
+EXIT_USAGE = 2          # usage or config error, as argparse
+EXIT_CANNOT_START = 3   # could not start (API or ssh down); nothing changed
+EXIT_INTERRUPTED = 130
+
+
+class PvesyncError(Exception):
+    """Root of the tool's own errors; the message is one line for the user."""
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(PvesyncError):
+    exit_code = EXIT_USAGE
+
+
+class UsageError(PvesyncError):
+    exit_code = EXIT_USAGE
+
+
+class PveError(PvesyncError):
+    """The PVE API could not tell us what we need; nothing was changed."""
+    exit_code = EXIT_CANNOT_START
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status            # the HTTP status, where there was one
+
+
+class CommandError(PvesyncError):
+    """One or more stages of a command pipeline failed."""
+
+    def __init__(self, failed, stdout=''):
+        self.failed = failed            # [(stage name, exit status, stderr)]
+        self.stdout = stdout
+        super().__init__('; '.join(
+            '{} failed (exit {}): {}'.format(name, code, _last_line(err) or
+                                             'no error output')
+            for name, code, err in failed))
+
+    @property
+    def stderr(self) -> str:
+        return '\n'.join(err for _, _, err in self.failed)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ''
+
+
+# ==============================================================================
+# Config (~/.proxmoxrc)
+# ==============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class SshSettings:
+    """How to reach a host with ssh; the same keys serve clusters and storages."""
+    user: Optional[str] = None
+    port: Optional[int] = None
+    key: Optional[str] = None
+    ciphers: Optional[str] = None       # None: DEFAULT_SSH_CIPHERS
+    options: Tuple[str, ...] = ()
+
+    def argv(self, host: str) -> List[str]:
+        """The ssh words a user would type to reach `host` this way."""
+        words = ['ssh']
+        if self.port:
+            words += ['-p', str(self.port)]
+        if self.key:
+            words += ['-i', self.key]
+        if self.ciphers:
+            words += ['-c', self.ciphers]
+        words += self.options
+        words.append('{}@{}'.format(self.user, host) if self.user else host)
+        return words
+
+    def merged(self, override: 'SshSettings') -> 'SshSettings':
+        """This, with every value that `override` sets taking precedence."""
+        default = SshSettings()
+        changes = {f.name: getattr(override, f.name)
+                   for f in dataclasses.fields(self)
+                   if getattr(override, f.name) != getattr(default, f.name)}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    host: str
+    port: int = DEFAULT_API_PORT
+    user: Optional[str] = None
+    password: Optional[str] = None
+    token_id: Optional[str] = None      # the part after '!' in USER@REALM!ID
+    token_secret: Optional[str] = None
+    verify_ssl: bool = True
+    ca_file: Optional[str] = None
+    fingerprint: Optional[str] = None   # SHA-256, 'AB:CD:...' as PVE shows it
+    timeout: int = DEFAULT_API_TIMEOUT
+    ssh: SshSettings = SshSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    cluster: str
+    storage: str
+    node: Optional[str]                 # None: the storage on every node
+    target: str                         # user@host for ssh
+    ssh: SshSettings = SshSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    filename: str
+    clusters: Dict[str, ClusterConfig]
+    storages: Dict[Tuple[str, str, Optional[str]], StorageConfig]
+
+    def cluster(self, name: Optional[str]) -> ClusterConfig:
+        if name is None:
+            if len(self.clusters) == 1:
+                return next(iter(self.clusters.values()))
+            raise UsageError('{}: {} [pve:...] sections; choose one with -p: {}'.format(
+                self.filename, len(self.clusters) or 'no',
+                ', '.join(sorted(self.clusters)) or '(none)'))
+        try:
+            return self.clusters[name]
+        except KeyError:
+            raise UsageError('{}: no [pve:{}] section; known clusters: {}'.format(
+                self.filename, name, ', '.join(sorted(self.clusters)) or '(none)'))
+
+    def storage(self, cluster: str, storage: str, node: str) -> Optional[StorageConfig]:
+        """The section for this storage on this node, else the node-less one."""
+        return (self.storages.get((cluster, storage, node))
+                or self.storages.get((cluster, storage, None)))
+
+
+SSH_KEYS = ('ssh_port', 'ssh_key', 'ssh_cipher', 'ssh_options')
+CLUSTER_KEYS = ('api', 'user', 'password', 'token', 'verify_ssl', 'ca_file',
+                'fingerprint', 'timeout', 'ssh_user') + SSH_KEYS
+STORAGE_KEYS = ('ssh',) + SSH_KEYS
+SECRET_KEYS = ('password', 'token')
+FINGERPRINT_RE = re.compile(r'^([0-9A-F]{2}:){31}[0-9A-F]{2}$')
+
+
+def parse_config(text: str, filename: str = DEFAULT_CONFIG) -> Config:
+    """Parse the text of ~/.proxmoxrc; raise ConfigError naming what is wrong."""
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, default_section='\0no-defaults')
+    # The origin README indents [storage:...] under [pve:...]; configparser
+    # would read such lines as continuations, so section and key lines are
+    # read flush left (values never span lines here).
+    flush_left = '\n'.join(line.lstrip() for line in text.splitlines())
+    try:
+        parser.read_string(flush_left, source=filename)
+    except configparser.Error as exc:
+        raise ConfigError('{}: {}'.format(filename, ' '.join(str(exc).split())))
+    clusters, storages = {}, {}
+    for section in parser.sections():
+        where = '{}: [{}]'.format(filename, section)
+        kind, _, rest = section.partition(':')
+        items = dict(parser.items(section))
+        if kind == 'pve' and rest:
+            _check_keys(where, items, CLUSTER_KEYS)
+            clusters[rest] = _parse_cluster(where, rest, items)
+        elif kind == 'storage' and rest.count(':') == 1:
+            _check_keys(where, items, STORAGE_KEYS)
+            storage = _parse_storage(where, rest, items)
+            storages[(storage.cluster, storage.storage, storage.node)] = storage
+        else:
+            raise ConfigError('{}: unknown section; expected [pve:CLUSTER], '
+                              '[storage:CLUSTER:STORAGE] or '
+                              '[storage:CLUSTER:STORAGE@NODE]'.format(where))
+    for (cluster, storage, node) in storages:
+        if cluster not in clusters:
+            raise ConfigError('{}: [storage:{}:{}] names cluster {!r}, which has '
+                              'no [pve:{}] section'.format(
+                                  filename, cluster, storage, cluster, cluster))
+    return Config(filename, clusters, storages)
+
+
+def load_config(path: str) -> Config:
+    filename = os.path.expanduser(path)
+    try:
+        with open(filename, encoding='utf-8') as fp:
+            text = fp.read()
+            mode = os.fstat(fp.fileno()).st_mode
+    except OSError as exc:
+        raise ConfigError('{}: cannot read config: {}; write one as README.rst '
+                          'shows, or name another with -f'.format(
+                              path, exc.strerror))
+    config = parse_config(text, path)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and _holds_secrets(config):
+        log.warning('%s holds a password or token and others can read it; '
+                    'run: chmod 600 %s', path, path)
+    return config
+
+
+def _holds_secrets(config: Config) -> bool:
+    return any(c.password or c.token_secret for c in config.clusters.values())
+
+
+def _check_keys(where, items, allowed):
+    for key in items:
+        if key not in allowed:
+            raise ConfigError('{}: unknown key {!r}; allowed: {}'.format(
+                where, key, ', '.join(allowed)))
+
+
+def _parse_cluster(where, name, items) -> ClusterConfig:
+    if 'api' not in items:
+        raise ConfigError('{}: missing key api=https://USER@REALM:PASSWORD@HOST'
+                          '[:PORT]'.format(where))
+    fields = parse_api_url(where, items['api'])
+    if 'user' in items:
+        fields['user'] = _parse_user(where, 'user', items['user'])
+    if 'password' in items:
+        fields['password'] = items['password']
+    if 'token' in items:
+        fields.update(_parse_token(where, items['token']))
+    if fields.get('password') and fields.get('token_id'):
+        raise ConfigError('{}: both a password and a token; keep one'.format(where))
+    if not fields.get('user'):
+        raise ConfigError('{}: no user; put it in api= (https://USER@REALM:'
+                          'PASSWORD@HOST) or set user= or token='.format(where))
+    if not (fields.get('password') or fields.get('token_id')):
+        raise ConfigError('{}: no password or token; set password= or '
+                          'token=USER@REALM!TOKENID=SECRET'.format(where))
+    fields.update(_parse_tls(where, items))
+    if 'timeout' in items:
+        fields['timeout'] = _parse_int(where, 'timeout', items['timeout'])
+    ssh = _parse_ssh(where, items)
+    if 'ssh_user' in items:
+        ssh = dataclasses.replace(ssh, user=items['ssh_user'])
+    return ClusterConfig(name=name, ssh=ssh, **fields)
+
+
+def parse_api_url(where: str, url: str) -> dict:
+    """https://[USER@REALM[:PASSWORD]@]HOST[:PORT] -> dict of ClusterConfig fields."""
+    if not url.startswith('https://'):
+        raise ConfigError('{}: api={!r} must start with https://'.format(where, url))
+    rest = url[len('https://'):].rstrip('/')
+    userinfo, at, hostport = rest.rpartition('@')
+    fields = {}
+    if at:
+        user, colon, password = userinfo.partition(':')
+        if '@' not in user and '@' in password:
+            raise ConfigError('{}: api= has the realm after a colon; write '
+                              'https://USER@REALM:PASSWORD@HOST'.format(where))
+        if hostport.count(':') > 1 and not hostport.startswith('['):
+            # The origin README's own example, planb@pve:PASS:host:443.
+            user_part, _, tail = hostport.partition(':')
+            raise ConfigError(
+                '{}: api= has a colon where the @ before the host belongs; '
+                'write https://{}@{}:PASSWORD@{} (user@realm, colon, password, '
+                '@, host)'.format(where, userinfo, user_part,
+                                  tail.split(':', 1)[-1]))
+        fields['user'] = _parse_user(where, 'api', user)
+        if colon:
+            fields['password'] = password
+    host, port = _split_host_port(where, hostport)
+    fields.update(host=host, port=port)
+    return fields
+
+
+def _split_host_port(where, hostport):
+    match = re.fullmatch(r'(\[[0-9a-fA-F:.]+\]|[^:\[\]/]+)(?::(\d+))?', hostport)
+    if not match:
+        raise ConfigError('{}: api= has a bad host {!r}; write HOST or '
+                          'HOST:PORT'.format(where, hostport))
+    return match.group(1), int(match.group(2) or DEFAULT_API_PORT)
+
+
+def _parse_user(where, key, user):
+    name, at, realm = user.partition('@')
+    if not (name and at and realm):
+        raise ConfigError('{}: {}= user {!r} needs a realm, like planb@pve or '
+                          'root@pam'.format(where, key, user))
+    return user
+
+
+def _parse_token(where, token):
+    match = re.fullmatch(r'([^@!\s]+@[^@!\s]+)!([^=\s]+)=(\S+)', token)
+    if not match:
+        raise ConfigError('{}: token= must look like USER@REALM!TOKENID=SECRET'
+                          .format(where))
+    return {'user': match.group(1), 'token_id': match.group(2),
+            'token_secret': match.group(3)}
+
+
+def _parse_tls(where, items):
+    fields = {}
+    if 'verify_ssl' in items:
+        fields['verify_ssl'] = _parse_bool(where, 'verify_ssl', items['verify_ssl'])
+    if 'ca_file' in items:
+        fields['ca_file'] = os.path.expanduser(items['ca_file'])
+    if 'fingerprint' in items:
+        fingerprint = items['fingerprint'].strip().upper()
+        if not FINGERPRINT_RE.match(fingerprint):
+            raise ConfigError('{}: fingerprint= must be a SHA-256 fingerprint, 32 '
+                              'hex pairs joined by colons'.format(where))
+        fields['fingerprint'] = fingerprint
+    if sum(('ca_file' in fields, 'fingerprint' in fields,
+            fields.get('verify_ssl') is False)) > 1:
+        raise ConfigError('{}: choose one of verify_ssl=no, ca_file= and '
+                          'fingerprint='.format(where))
+    return fields
+
+
+def _parse_ssh(where, items) -> SshSettings:
+    fields = {}
+    if 'ssh_port' in items:
+        fields['port'] = _parse_int(where, 'ssh_port', items['ssh_port'])
+    if 'ssh_key' in items:
+        fields['key'] = os.path.expanduser(items['ssh_key'])
+    if 'ssh_cipher' in items:
+        fields['ciphers'] = items['ssh_cipher'].strip()
+    if 'ssh_options' in items:
+        fields['options'] = tuple(shlex.split(items['ssh_options']))
+    return SshSettings(**fields)
+
+
+def _parse_storage(where, rest, items) -> StorageConfig:
+    cluster, _, storage_node = rest.partition(':')
+    storage, at, node = storage_node.partition('@')
+    if not (cluster and storage) or (at and not node):
+        raise ConfigError('{}: expected [storage:CLUSTER:STORAGE] or '
+                          '[storage:CLUSTER:STORAGE@NODE]'.format(where))
+    if 'ssh' not in items:
+        raise ConfigError('{}: missing key ssh=USER@HOST'.format(where))
+    user, at, host = items['ssh'].rpartition('@')
+    if not host or (at and not user):
+        raise ConfigError('{}: ssh= must look like USER@HOST'.format(where))
+    ssh = dataclasses.replace(_parse_ssh(where, items), user=user or None)
+    return StorageConfig(cluster, storage, node or None, host, ssh)
+
+
+def _parse_int(where, key, value):
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError('{}: {}={!r} is not a number'.format(where, key, value))
+
+
+def _parse_bool(where, key, value):
+    words = {'yes': True, 'true': True, 'on': True, '1': True,
+             'no': False, 'false': False, 'off': False, '0': False}
+    try:
+        return words[value.strip().lower()]
+    except KeyError:
+        raise ConfigError('{}: {}={!r} must be yes or no'.format(where, key, value))
+
+
+# ==============================================================================
+# PVE discovery (the only code that talks to the cluster's API)
+# ==============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class PveNode:
+    name: str
+    online: bool
+    ip: Optional[str]
+
+    @property
+    def address(self) -> str:
+        return self.ip or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class PveStorage:
+    storage: str
+    type: str
+    enabled: bool
+    path: Optional[str]
+    pool: Optional[str]
+    nodes: Optional[frozenset]      # None: every node
+
+    def on_node(self, node: str) -> bool:
+        return self.nodes is None or node in self.nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class PveVolume:
+    key: str                        # the config key: scsi0, efidisk0, rootfs, mp0, ...
+    storage: str
+    volume: str                     # as in the config: vm-101-disk-0, base-100-disk-0/vm-101-disk-0
+    storage_type: Optional[str]     # None: the storage is not visible to us
+    dataset: Optional[str]          # pool/name, for ZFS volumes
+    boot: bool = False
+    skip: Optional[str] = None      # why it is not synced; None: it is
+
+    @property
+    def name(self) -> str:
+        """The volume's own name (a linked clone's, not its base's)."""
+        return self.volume.rsplit('/', 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class PveGuest:
+    vmid: int
+    type: str                       # qemu or lxc
+    name: Optional[str]
+    node: str
+    status: str
+    template: bool = False
+    pool: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+    volumes: Optional[Tuple[PveVolume, ...]] = None   # None: not read (yet)
+    note: Optional[str] = None      # why the volumes are unknown
+    agent: bool = False             # the QEMU guest agent is enabled
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.vmid)
+
+    @property
+    def state(self) -> str:
+        return {'running': 'on', 'stopped': 'off'}.get(self.status, self.status)
+
+
+@dataclasses.dataclass(frozen=True)
+class PveCluster:
+    name: str
+    nodes: Dict[str, PveNode]
+    storages: Dict[str, PveStorage]
+    guests: Tuple[PveGuest, ...]
+
+
+QEMU_VOLUME_KEY = re.compile(r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|unused\d+')
+LXC_VOLUME_KEY = re.compile(r'rootfs|mp\d+|unused\d+')
+
+
+def parse_guest_volumes(guest_type: str, config: dict,
+                        storages: Dict[str, PveStorage]) -> Tuple[PveVolume, ...]:
+    """The volumes of a guest's config, the boot disk first; pure."""
+    key_re = QEMU_VOLUME_KEY if guest_type == 'qemu' else LXC_VOLUME_KEY
+    boot_keys = _boot_order(config) if guest_type == 'qemu' else ['rootfs']
+    volumes = []
+    for key, value in config.items():
+        if not key_re.fullmatch(key):
+            continue
+        source, opts = _split_drive(str(value))
+        storage_id, colon, volume = source.partition(':')
+        if not colon or opts.get('media') == 'cdrom':
+            continue    # an empty drive, a cdrom, a bind mount or a device
+        storage = storages.get(storage_id)
+        dataset = None
+        if storage and storage.type == 'zfspool' and storage.pool:
+            dataset = '{}/{}'.format(storage.pool, volume.rsplit('/', 1)[-1])
+        volumes.append(PveVolume(
+            key=key, storage=storage_id, volume=volume,
+            storage_type=storage.type if storage else None, dataset=dataset,
+            skip=_skip_reason(guest_type, key, opts, storage)))
+    boot_key = next((k for k in boot_keys if any(v.key == k for v in volumes)), None)
+    volumes = [dataclasses.replace(v, boot=True) if v.key == boot_key else v
+               for v in volumes]
+    return tuple(sorted(volumes, key=lambda v: (not v.boot, _natural_key(v.key))))
+
+
+def _split_drive(value):
+    source, *options = value.split(',')
+    return source, dict(opt.partition('=')[::2] for opt in options)
+
+
+def _boot_order(config):
+    boot = str(config.get('boot', ''))
+    if boot.startswith('order='):
+        return boot[len('order='):].split(';')
+    return [config['bootdisk']] if config.get('bootdisk') else []
+
+
+def _agent_enabled(value) -> bool:
+    """agent: 1, or agent: enabled=1,fstrim_cloned_disks=1, and the like."""
+    first = str(value or '0').split(',')[0]
+    return first.partition('=')[2] == '1' if '=' in first else first == '1'
+
+
+def _skip_reason(guest_type, key, opts, storage):
+    if key.startswith('unused'):
+        return 'unused'
+    if storage is None:
+        return 'storage not visible (needs Datastore.Audit)'
+    if storage.type != 'zfspool':
+        return 'not ZFS'
+    if not storage.enabled:
+        return 'storage disabled'
+    if guest_type == 'qemu' and opts.get('backup') == '0':
+        return 'backup=0'
+    if key.startswith('mp') and opts.get('backup') != '1':
+        return 'no backup=1'
+    return None
+
+
+def _natural_key(key):
+    match = re.fullmatch(r'(\D+)(\d*)', key)
+    return (key.startswith('unused'), match.group(1), int(match.group(2) or 0))
+
+
+class PveApi:
+    """A logged-in connection to a cluster's API.
+
+    proxmoxer builds the paths and raises on errors; the session underneath
+    is ours, so that certificate pinning covers the login request too.
+    """
+
+    TICKET_RENEW_AFTER = 3600   # PVE tickets live two hours
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+        self.base_url = 'https://{}:{}/api2/json'.format(cluster.host, cluster.port)
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._session = _open_session(cluster)
+        self._root = proxmoxer.core.ProxmoxResource(
+            base_url=self.base_url, session=self._session,
+            serializer=proxmoxer.backends.https.JsonSerializer())
+        self._ticket_time = None
+        if cluster.token_id:
+            self._session.headers['Authorization'] = 'PVEAPIToken={}!{}={}'.format(
+                cluster.user, cluster.token_id, cluster.token_secret)
+        else:
+            self._login()
+
+    def get(self, path: str, **params):
+        return self._call('GET', path, params)
+
+    def post(self, path: str, **data):
+        return self._call('POST', path, data)
+
+    def _login(self):
+        data = {'username': self.cluster.user, 'password': self.cluster.password}
+        answer = self._call('POST', 'access/ticket', data, login=True)
+        self._session.cookies.set('PVEAuthCookie', answer['ticket'])
+        self._session.headers['CSRFPreventionToken'] = answer['CSRFPreventionToken']
+        self._ticket_time = time.monotonic()
+
+    def _call(self, method, path, args, login=False):
+        if (self._ticket_time and not login and
+                time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER):
+            with self._lock:
+                self._login()
+        with self._lock:
+            self.calls += 1
+        log.debug('(api) %s /%s %s', method, path,
+                  '' if login else ' '.join('{}={}'.format(*kv) for kv in args.items()))
+        resource = self._root(path)
+        try:
+            if method == 'GET':
+                return resource.get(**args)
+            return resource.post(**args)
+        except proxmoxer.core.ResourceException as exc:
+            raise PveError(self._explain_status(method, path, exc, login),
+                           exc.status_code)
+        except requests.exceptions.RequestException as exc:
+            raise PveError(self._explain_transport(exc))
+
+    def _explain_status(self, method, path, exc, login):
+        where = '{}:{}'.format(self.cluster.host, self.cluster.port)
+        said = (exc.content or exc.status_message or '').strip()
+        section = '[pve:{}]'.format(self.cluster.name)
+        if exc.status_code == 401:
+            what = 'token' if self.cluster.token_id else 'password'
+            return '{}: login as {} refused (401 {}); check the {} in {}'.format(
+                where, self.cluster.user, said, what, section)
+        if exc.status_code == 403:
+            privilege = re.search(r'\(([^,]*), ([^)]*)\)', said)
+            need = privilege.group(2) if privilege else 'a privilege'
+            return ('{}: {} may not {} /{} (403 {}); grant it {} on {} (for '
+                    'example the PVEAuditor role)'.format(
+                        where, self.cluster.user, method, path, said, need,
+                        privilege.group(1) if privilege else '/'))
+        return '{}: {} /{} failed: {} {}'.format(
+            where, method, path, exc.status_code, said)
+
+    def _explain_transport(self, exc):
+        where = '{}:{}'.format(self.cluster.host, self.cluster.port)
+        section = '[pve:{}]'.format(self.cluster.name)
+        if isinstance(exc, requests.exceptions.SSLError):
+            seen = _server_fingerprint(self.cluster.host, self.cluster.port)
+            return ('{}: its TLS certificate is not trusted ({}); if that is your '
+                    'cluster, pin it in {}: fingerprint={}'.format(
+                        where, _short_reason(exc), section, seen))
+        if isinstance(exc, requests.exceptions.Timeout):
+            return ('{}: no answer within {} s; check the address in {} and the '
+                    'firewall, or raise timeout='.format(
+                        where, self.cluster.timeout, section))
+        return '{}: cannot connect ({}); check api= in {}'.format(
+            where, _short_reason(exc), section)
+
+
+def _open_session(cluster: ClusterConfig) -> 'requests.Session':
+    session = _ApiSession(cluster.timeout)
+    if cluster.fingerprint:
+        session.verify = False      # the adapter checks the fingerprint instead
+        session.mount('https://', _PinnedAdapter(cluster.fingerprint))
+    elif cluster.ca_file:
+        session.verify = cluster.ca_file
+    else:
+        session.verify = cluster.verify_ssl
+    if session.verify is False:
+        warnings.filterwarnings(
+            'ignore', category=urllib3.exceptions.InsecureRequestWarning)
+    return session
+
+
+class _ApiSession(requests.Session):
+    """A session with a time-out on every request (proxmoxer sets none)."""
+
+    def __init__(self, timeout):
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, *args, **kwargs):
+        kwargs.setdefault('timeout', self.timeout)
+        return super().request(*args, **kwargs)
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Accepts exactly the certificate with this SHA-256 fingerprint."""
+
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint.replace(':', '').lower()
+        super().__init__(pool_maxsize=CONFIG_WORKERS)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs['assert_fingerprint'] = self.fingerprint
+        super().init_poolmanager(*args, **kwargs)
+
+
+def _server_fingerprint(host, port) -> str:
+    """The SHA-256 fingerprint of the certificate the server shows, PVE-style."""
+    try:
+        pem = ssl.get_server_certificate((host.strip('[]'), port), timeout=5)
+    except (OSError, ValueError) as exc:
+        return '(could not read it: {})'.format(exc)
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def _short_reason(exc) -> str:
+    """The innermost reason of a requests/urllib3 error, on one line."""
+    text = str(exc)
+    for pattern in (r"Fingerprints did not match[^'\")]*", r'\[SSL[^\]]*\][^'"'"'")]*',
+                    r'\[Errno[^\]]*\][^'"'"'")]*', r'Name or service not known'):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0).strip().rstrip('.')
+    return ' '.join(text.split())[:200]
+
+
+def read_cluster(api: PveApi, name: str) -> PveCluster:
+    """Nodes, storages and guests (without their volumes): three API calls."""
+    resources = api.get('cluster/resources')
+    storage_cfg = api.get('storage')
+    status = api.get('cluster/status')
+    ips = {item['name']: item.get('ip') for item in status if item['type'] == 'node'}
+    nodes = {}
+    for item in resources:
+        if item['type'] == 'node':
+            nodes[item['node']] = PveNode(item['node'], item.get('status') == 'online',
+                                          ips.get(item['node']))
+    storages = {item['storage']: _parse_storage_entry(item) for item in storage_cfg}
+    guests = tuple(sorted(
+        (_parse_guest_entry(item) for item in resources
+         if item['type'] in ('qemu', 'lxc')),
+        key=lambda g: g.vmid))
+    return PveCluster(name, dict(sorted(nodes.items())), storages, guests)
+
+
+def _parse_storage_entry(item) -> PveStorage:
+    nodes = item.get('nodes')
+    return PveStorage(
+        storage=item['storage'], type=item['type'],
+        enabled=not int(item.get('disable', 0)),
+        path=item.get('path'), pool=item.get('pool'),
+        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None)
+
+
+def _parse_guest_entry(item) -> PveGuest:
+    return PveGuest(
+        vmid=int(item['vmid']), type=item['type'], name=item.get('name'),
+        node=item['node'], status=item.get('status', 'unknown'),
+        template=bool(int(item.get('template', 0))), pool=item.get('pool'),
+        tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t))
+
+
+def select_guests(cluster: PveCluster, wanted: Sequence[str]) -> Tuple[PveGuest, ...]:
+    """The guests named by vmid or name; all of them when `wanted` is empty."""
+    if not wanted:
+        return cluster.guests
+    chosen = []
+    for word in wanted:
+        matches = [g for g in cluster.guests
+                   if str(g.vmid) == word or g.name == word]
+        if not matches:
+            raise UsageError('no guest {!r} in cluster {} (or the API user lacks '
+                             'VM.Audit on it)'.format(word, cluster.name))
+        if len(matches) > 1:
+            raise UsageError('guest name {!r} is ambiguous in cluster {}: {}; '
+                             'give the vmid'.format(word, cluster.name, ', '.join(
+                                 '{} on {}'.format(g.vmid, g.node) for g in matches)))
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return tuple(chosen)
+
+
+def read_guest_volumes(api: PveApi, cluster: PveCluster,
+                       guests: Sequence[PveGuest]) -> Tuple[PveGuest, ...]:
+    """The guests with their volumes: one config call per guest, concurrently."""
+    def read_one(guest):
+        node = cluster.nodes.get(guest.node)
+        if node is not None and not node.online:
+            return dataclasses.replace(
+                guest, note='node {} is offline'.format(guest.node))
+        try:
+            config = api.get('nodes/{}/{}/{}/config'.format(
+                guest.node, guest.type, guest.vmid))
+        except PveError as exc:
+            if exc.status == 500 and 'does not exist' in str(exc):
+                raise PveError('guest {} ({}) vanished from node {} between two API '
+                               'calls (migrated or deleted); run again'.format(
+                                   guest.vmid, guest.label, guest.node))
+            raise
+        return dataclasses.replace(
+            guest, agent=_agent_enabled(config.get('agent')),
+            volumes=parse_guest_volumes(guest.type, config, cluster.storages))
+
+    with ThreadPoolExecutor(max_workers=CONFIG_WORKERS) as pool:
+        return tuple(pool.map(read_one, guests))
+
+
+# ==============================================================================
+# Running commands: process pipelines, here or over ssh
+# ==============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str                       # for messages: 'zstd', 'pve1: zfs send | zstd'
+    argv: List[str]
+    show_stderr: bool = False       # pass stderr through (pv's progress bar)
+
+
+def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
+    """Run `stages` with each one's stdout piped into the next one's stdin.
+
+    Data flows between the processes, never through Python. Every stage's exit
+    status is checked; a CommandError names each stage that failed, with the
+    tail of its stderr. Returns the last stage's stdout when `capture`.
+    """
+    log.debug('(exec) %s', ' | '.join(shlex.join(s.argv) for s in stages))
+    running = []
+    try:
+        stdin = subprocess.DEVNULL
+        for i, stage in enumerate(stages):
+            last = i == len(stages) - 1
+            errors = None if stage.show_stderr else tempfile.TemporaryFile()
+            proc = subprocess.Popen(
+                stage.argv, stdin=stdin, stderr=errors,
+                stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
+            if stdin is not subprocess.DEVNULL:
+                stdin.close()           # the next stage holds it now
+            stdin = proc.stdout
+            running.append((stage, proc, errors))
+        output = running[-1][1].stdout.read() if capture else b''
+        for _, proc, _ in running:
+            proc.wait()
+    except BaseException:
+        for _, proc, _ in running:
+            if proc.poll() is None:
+                proc.terminate()        # zfs recv -s keeps what it received
+        for _, proc, _ in running:
+            proc.wait()
+        raise
+    finally:
+        for _, proc, _ in running:
+            if proc.stdout:
+                proc.stdout.close()
+    failed = [(stage.name, proc.returncode, _read_tail(errors))
+              for stage, proc, errors in running if proc.returncode != 0]
+    for _, _, errors in running:
+        if errors:
+            errors.close()
+    if failed:
+        raise CommandError(failed, output.decode(errors='replace'))
+    return output.decode(errors='replace')
+
+
+def _read_tail(errors, limit=4000) -> str:
+    if errors is None:
+        return ''
+    errors.seek(0)
+    return errors.read()[-limit:].decode(errors='replace').strip()
+
+
+class LocalHost:
+    """This machine. Commands run without a shell."""
+    name = 'localhost'
+    is_remote = False
+
+    def __init__(self):
+        self.sudo = [] if os.geteuid() == 0 else ['sudo', '-n']
+
+    def zfs(self, *args: str) -> List[str]:
+        return self.sudo + ['zfs', *args]
+
+    def stages(self, cmds: Sequence[Sequence[str]]) -> List[Stage]:
+        """The local process stages that run `cmds` piped into each other."""
+        return [Stage(_command_name(cmd), list(cmd)) for cmd in cmds]
+
+    def run(self, cmd: Sequence[str]) -> str:
+        return run_pipeline(self.stages([cmd]), capture=True)
+
+    def missing_commands(self, names: Sequence[str]) -> List[str]:
+        return [name for name in names if not shutil.which(name)]
+
+    def close(self):
+        pass
+
+
+class SshHost:
+    """A host reached with ssh: one master connection for the whole run,
+    BatchMode so that cron never waits at a prompt."""
+    is_remote = True
+
+    def __init__(self, address: str, settings: SshSettings, control_dir: str):
+        self.address = address
+        self.settings = settings
+        self.name = settings.argv(address)[-1]
+        self.sudo = [] if settings.user == 'root' else ['sudo', '-n']
+        self._control_path = os.path.join(control_dir, '%C')
+
+    def zfs(self, *args: str) -> List[str]:
+        return self.sudo + ['zfs', *args]
+
+    def ssh_argv(self) -> List[str]:
+        user_words = self.settings.argv(self.address)
+        runtime = ['-o', 'BatchMode=yes', '-o', 'ConnectTimeout=20',
+                   '-o', 'ServerAliveInterval=15', '-o', 'ServerAliveCountMax=4',
+                   '-o', 'ControlMaster=auto', '-o', 'ControlPersist=60',
+                   '-o', 'ControlPath=' + self._control_path]
+        if not self.settings.ciphers:
+            runtime += ['-c', DEFAULT_SSH_CIPHERS]
+        return user_words[:1] + runtime + user_words[1:]
+
+    def stages(self, cmds: Sequence[Sequence[str]]) -> List[Stage]:
+        """One ssh stage that runs `cmds` piped into each other remotely."""
+        name = '{}: {}'.format(self.address, ' | '.join(map(_command_name, cmds)))
+        return [Stage(name, self.ssh_argv() + ['--', remote_command(cmds)])]
+
+    def run(self, cmd: Sequence[str]) -> str:
+        return run_pipeline(self.stages([cmd]), capture=True)
+
+    def missing_commands(self, names: Sequence[str]) -> List[str]:
+        script = 'for c in {}; do command -v "$c" >/dev/null || echo "$c"; done'
+        words = ' '.join(shlex.quote(name) for name in names)
+        stage = Stage(self.address + ': command -v',
+                      self.ssh_argv() + ['--', script.format(words)])
+        return run_pipeline([stage], capture=True).split()
+
+    def close(self):
+        subprocess.run(['ssh', '-o', 'ControlPath=' + self._control_path,
+                        '-O', 'exit', self.address],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+
+def _command_name(cmd: Sequence[str]) -> str:
+    """'zfs send' for ['sudo', '-n', 'zfs', 'send', ...], 'zstd' for ['zstd', ...]."""
+    words = list(cmd)
+    if words[:2] == ['sudo', '-n']:
+        words = words[2:]
+    return ' '.join(words[:2]) if words[0] == 'zfs' else words[0]
+
+
+def remote_command(cmds: Sequence[Sequence[str]]) -> str:
+    """The shell text for `cmds` piped into each other, every word quoted.
+
+    A pipe runs under bash -o pipefail so that a failing zfs send fails the
+    whole remote command, not only the stream the other end receives.
+    """
+    text = ' | '.join(shlex.join(cmd) for cmd in cmds)
+    if len(cmds) > 1:
+        return shlex.join(['bash', '-o', 'pipefail', '-c', text])
+    return text
+
+
+# ==============================================================================
+# ZFS listing and the sync planner (pure: no I/O, no clock, no logging)
+# ==============================================================================
+
+ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
+                  'logicalreferenced', 'encryption', 'receive_resume_token')
+# PVE's own short-lived snapshots: replication, migration and vzdump; PVE
+# deletes them by itself, so they are no base to build on.
+TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    name: str                       # the part after @ (or # for a bookmark)
+    guid: int
+    createtxg: int
+    creation: int = 0               # seconds since the epoch
+    written: int = 0                # bytes since the previous snapshot
+    size: int = 0                   # logicalreferenced: a full stream's size
+    bookmark: bool = False
+
+    @property
+    def ref(self) -> str:
+        return ('#' if self.bookmark else '@') + self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    type: str                       # filesystem or volume
+    written: int = 0                # bytes changed since the newest snapshot
+    encrypted: bool = False
+    resume_token: Optional[str] = None
+    snapshots: Tuple[Snapshot, ...] = ()    # oldest first, bookmarks too
+
+
+def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
+    return ['list', '-H', '-p', '-o', ','.join(ZFS_LIST_PROPS),
+            '-t', 'filesystem,volume,snapshot,bookmark', '-d', str(depth),
+            *datasets]
+
+
+def parse_zfs_list(text: str) -> Dict[str, Dataset]:
+    """`zfs list -H -p -o ZFS_LIST_PROPS` output -> datasets by name."""
+    fields, points = {}, {}
+    for line in text.splitlines():
+        row = dict(zip(ZFS_LIST_PROPS, line.split('\t')))
+        name = row['name']
+        if row['type'] in ('snapshot', 'bookmark'):
+            parent, _, short = re.split(r'([@#])', name, maxsplit=1)
+            points.setdefault(parent, []).append(Snapshot(
+                name=short, guid=int(row['guid']), createtxg=int(row['createtxg']),
+                creation=_int(row['creation']), written=_int(row['written']),
+                size=_int(row['logicalreferenced']),
+                bookmark=row['type'] == 'bookmark'))
+        else:
+            token = row['receive_resume_token']
+            fields[name] = dict(
+                name=name, type=row['type'], written=_int(row['written']),
+                encrypted=row['encryption'] not in ('off', '-', ''),
+                resume_token=None if token in ('-', '') else token)
+    return {name: Dataset(snapshots=tuple(sorted(
+        points.get(name, ()), key=lambda s: (s.createtxg, s.bookmark))), **f)
+        for name, f in fields.items()}
+
+
+def _int(text):
+    return int(text) if text.isdigit() else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SendStep:
+    """One zfs send | zfs recv. `base` None: a full stream."""
+    snapshot: Snapshot
+    base: Optional[Snapshot] = None
+    intermediates: bool = False     # -I rather than -i
+    estimate: int = 0               # bytes, for pv
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeStep:
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RollbackStep:
+    snapshot: Snapshot              # the destination goes back to this one
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPlan:
+    action: str                     # full, incremental, resume, up-to-date, diverged
+    steps: Tuple = ()
+    problem: Optional[str] = None   # for diverged: what differs and what to do
+
+
+def syncable_snapshots(dataset: Dataset) -> Tuple[Snapshot, ...]:
+    return tuple(s for s in dataset.snapshots
+                 if s.bookmark or not TRANSIENT_SNAPSHOT.fullmatch(s.name))
+
+
+def plan_sync(src: Dataset, dst: Optional[Dataset], intermediates=True,
+              rollback=False, destroy_diverged=False) -> SyncPlan:
+    """What brings `dst` to the newest snapshot of `src`. Snapshots are matched
+    by guid; bookmarks on the source serve as bases."""
+    points = syncable_snapshots(src)
+    snapshots = [s for s in points if not s.bookmark]
+    if not snapshots:
+        return SyncPlan('diverged', problem='{} has no snapshot to send'.format(src.name))
+    newest = snapshots[-1]
+    if dst is not None and dst.resume_token:
+        return SyncPlan('resume', (ResumeStep(dst.resume_token),))
+    if dst is None:
+        return SyncPlan('full', _full_steps(snapshots, intermediates))
+    # A snapshot and its bookmark share a guid; prefer the snapshot.
+    by_guid = {s.guid: s for s in sorted(points, key=lambda s: not s.bookmark)}
+    dst_snaps = [s for s in dst.snapshots if not s.bookmark]
+    common = [s for s in dst_snaps if s.guid in by_guid]
+    if not common:
+        if destroy_diverged:
+            return SyncPlan('full', _full_steps(snapshots, intermediates))
+        what = ('has no snapshot' if not dst_snaps else
+                'shares no snapshot with the source (its newest: @{})'.format(
+                    dst_snaps[-1].name))
+        return SyncPlan('diverged', problem=(
+            '{} {}; rename or remove it, or pass --destroy-diverged to replace '
+            'it with a full copy'.format(dst.name, what)))
+    base_dst = common[-1]
+    newer_on_dst = dst_snaps[dst_snaps.index(base_dst) + 1:]
+    steps = []
+    if newer_on_dst or dst.written:
+        if not rollback:
+            return SyncPlan('diverged', problem=_changed_problem(
+                dst, base_dst, newer_on_dst))
+        steps.append(RollbackStep(base_dst))
+    base = by_guid[base_dst.guid]
+    if base.guid == newest.guid:
+        return SyncPlan('up-to-date', tuple(steps))
+    steps += _incremental_steps(points, base, newest, intermediates)
+    return SyncPlan('incremental', tuple(steps))
+
+
+def _full_steps(snapshots, intermediates):
+    first = snapshots[0] if intermediates else snapshots[-1]
+    steps = [SendStep(first, estimate=first.size)]
+    if first != snapshots[-1]:
+        steps.append(SendStep(snapshots[-1], base=first, intermediates=True,
+                              estimate=_written_between(snapshots, first, snapshots[-1])))
+    return steps
+
+
+def _incremental_steps(points, base, newest, intermediates):
+    snapshots = [s for s in points if not s.bookmark]
+    later = [s for s in snapshots if s.createtxg > base.createtxg]
+    if base.bookmark and intermediates and len(later) > 1:
+        # -I cannot start at a bookmark: reach the first snapshot after it with
+        # -i, then take the rest with -I.
+        first = later[0]
+        return [SendStep(first, base=base, estimate=first.written),
+                SendStep(newest, base=first, intermediates=True,
+                         estimate=_written_between(snapshots, first, newest))]
+    return [SendStep(newest, base=base, intermediates=intermediates and not base.bookmark,
+                     estimate=_written_between(snapshots, base, newest))]
+
+
+def _written_between(snapshots, base, newest):
+    return sum(s.written for s in snapshots
+               if base.createtxg < s.createtxg <= newest.createtxg)
+
+
+def _changed_problem(dst, base, newer_on_dst):
+    if newer_on_dst:
+        what = ('has {} snapshot(s) after @{}, the newest one the source still '
+                'has ({})'.format(len(newer_on_dst), base.name,
+                                  ', '.join('@' + s.name for s in newer_on_dst)))
+    else:
+        what = 'was changed after its newest snapshot @{} ({} bytes written)'.format(
+            base.name, dst.written)
+    return ('{} {}; pass --rollback to discard that on the destination and '
+            'continue from @{}'.format(dst.name, what, base.name))
+
+
+# ==============================================================================
+# The transfer pipeline (pure: argv lists in, argv lists out)
+# ==============================================================================
+
+COMPRESSORS = {
+    # name: (compress on the source, decompress here)
+    'zstd': (['zstd', '-3', '-T0', '-q', '-c'], ['zstd', '-d', '-q', '-c']),
+    'lz4': (['lz4', '-q', '-c'], ['lz4', '-d', '-q', '-c']),
+    'gzip': (['gzip', '-3', '-c'], ['gzip', '-d', '-c']),
+    'qlzip1': (['qlzip1'], ['qlzcat1']),
+    'none': None,
+}
+PROPERTY_PREFIX = 'planb-pvesync:'
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferOptions:
+    compress: str = 'zstd'
+    mbuffer: Optional[str] = None   # buffer size, e.g. '256M'
+    progress: bool = False          # pv, to stderr
+
+
+def transfer_commands(opts: TransferOptions, src_remote: bool) -> Tuple[list, list]:
+    """The commands around zfs send and zfs recv: (source side, this side)."""
+    pair = COMPRESSORS[opts.compress] if src_remote else None
+    src_side = [pair[0]] if pair else []
+    dst_side = [pair[1]] if pair else []
+    if opts.mbuffer:
+        dst_side.append(['mbuffer', '-q', '-s', '128k', '-m', opts.mbuffer])
+    return src_side, dst_side
+
+
+def send_args(step, src: Dataset) -> List[str]:
+    """The arguments of zfs send for one step."""
+    if isinstance(step, ResumeStep):
+        return ['send', '-t', step.token]
+    flags = ['-w'] if src.encrypted else ['-L', '-e', '-c']
+    if step.base is not None:
+        flags += ['-I' if step.intermediates else '-i', src.name + step.base.ref]
+    return ['send', *flags, src.name + step.snapshot.ref]
+
+
+def recv_args(dst: str, props: Dict[str, str], filesystem: bool) -> List[str]:
+    """zfs recv: resumable (-s), never mounted (-u), recording `props`."""
+    args = ['recv', '-s', '-u', '-v']
+    if filesystem:
+        args += ['-o', 'canmount=noauto']
+    for key, value in sorted(props.items()):
+        args += ['-o', '{}{}={}'.format(PROPERTY_PREFIX, key, value)]
+    return args + [dst]
+
+
+def build_transfer(src_host, dst_host, send: List[str], recv: List[str],
+                   opts: TransferOptions, label: str, estimate: int) -> List[Stage]:
+    src_side, dst_side = transfer_commands(opts, src_host.is_remote)
+    stages = src_host.stages([src_host.zfs(*send)] + src_side)
+    stages += [Stage(_command_name(cmd), cmd) for cmd in dst_side]
+    if opts.progress:
+        stages.append(Stage('pv', ['pv', '-ptebar', '-N', label] +
+                            (['-s', str(estimate)] if estimate else []),
+                            show_stderr=True))
+    recv_cmd = dst_host.zfs(*recv)
+    return stages + [Stage(_command_name(recv_cmd), recv_cmd)]
+
+
+def needed_commands(opts: TransferOptions) -> Tuple[List[str], List[str]]:
+    """The programs each side needs for a transfer: (source, this side)."""
+    src_side, dst_side = transfer_commands(opts, True)
+    here = [cmd[0] for cmd in dst_side] + (['pv'] if opts.progress else [])
+    return [cmd[0] for cmd in src_side], here
+
+
+def pipeline_text(stages: Sequence[Stage]) -> str:
+    """The pipeline as one line a user could paste into a shell."""
+    return ' | '.join(shlex.join(stage.argv) for stage in stages)
+
+
+# ==============================================================================
+# The sync engine: list, snapshot, plan and transfer, one volume at a time
+# ==============================================================================
+
+MAX_STEPS = 6       # resume, abort, rollback, full, incremental, and one spare
+MISSING_DATASET = re.compile(r"cannot open '[^']*': dataset does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncJob:
+    src_host: object                # LocalHost or SshHost
+    src: str                        # the source dataset
+    dst: str                        # the destination dataset, here
+    group: str = ''                 # jobs of one group are snapshotted at once
+    props: Tuple[Tuple[str, str], ...] = ()     # recorded on the destination
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncOptions:
+    transfer: TransferOptions = TransferOptions()
+    snapshot_prefix: str = 'planb'
+    make_snapshot: bool = True
+    snapshot_reuse_age: int = 0     # seconds; 0: always make a fresh one
+    intermediates: bool = True
+    rollback: bool = False
+    destroy_diverged: bool = False
+    dry_run: bool = False
+    wait: bool = False
+    lock_dir: Optional[str] = None
+
+
+@dataclasses.dataclass
+class JobResult:
+    job: SyncJob
+    status: str = 'planned'         # synced, up-to-date, failed, skipped, planned
+    detail: str = ''
+    sent: int = 0                   # bytes received, as zfs recv counts them
+    seconds: float = 0.0
+
+
+class SyncError(PvesyncError):
+    """This volume cannot be synced; the others go on."""
+
+
+def list_datasets(host, names: Sequence[str], depth=1) -> Dict[str, Dataset]:
+    """One zfs list for all of `names`; the ones that do not exist are left out."""
+    if not names:
+        return {}
+    try:
+        return parse_zfs_list(host.run(host.zfs(*zfs_list_args(names, depth))))
+    except CommandError as exc:
+        lines = [line for line in exc.stderr.splitlines() if line.strip()]
+        if lines and all(MISSING_DATASET.search(line) for line in lines):
+            return parse_zfs_list(exc.stdout)
+        raise
+
+
+def snapshot_name(prefix: str, now: float) -> str:
+    return '{}-{}'.format(prefix, time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now)))
+
+
+def needs_snapshot(sources: Sequence[Dataset], reuse_age: int, now: float) -> bool:
+    """False when every source has a snapshot younger than `reuse_age`."""
+    def young(dataset):
+        snaps = [s for s in syncable_snapshots(dataset) if not s.bookmark]
+        return bool(snaps) and now - snaps[-1].creation < reuse_age
+    return not (reuse_age > 0 and all(young(d) for d in sources))
+
+
+class DatasetLock:
+    """An flock per destination dataset, so that overlapping runs never
+    receive into the same dataset at once."""
+
+    def __init__(self, lock_dir: str, dataset: str):
+        self.path = os.path.join(lock_dir, dataset.replace('/', '%') + '.lock')
+        self._fd = None
+
+    def acquire(self, wait: bool) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, '{}\n'.format(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            with open(self.path) as fp:
+                return 'pid ' + (fp.read().strip() or '?')
+        except OSError:
+            return 'another process'
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def default_lock_dir() -> str:
+    for base in ('/run/lock', tempfile.gettempdir()):
+        path = os.path.join(base, 'planb-pvesync')
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise PvesyncError('no writable lock directory; pass --lock-dir')
+
+
+class SyncRun:
+    """One run over many jobs: lists each host once, snapshots each group at
+    once, then syncs job after job; a failing job does not stop the others."""
+
+    def __init__(self, jobs: Sequence[SyncJob], dst_host, opts: SyncOptions,
+                 freeze=None, out=print):
+        self.jobs = list(jobs)
+        self.dst_host = dst_host
+        self.opts = opts
+        self.freeze = freeze        # group -> context manager around its snapshot
+        self.out = out
+        self.results = {job.dst: JobResult(job) for job in self.jobs}
+        self.src = {}               # (host name, dataset) -> Dataset
+        self.dst = {}               # dataset -> Dataset
+
+    def run(self) -> List[JobResult]:
+        locks = self._lock_all()
+        try:
+            active = [j for j in self.jobs if self.results[j.dst].status == 'planned']
+            self._read_sources(active)
+            self._read_destinations(active)
+            self._take_snapshots(self._ready(active))
+            self._check_programs(self._ready(active))
+            for job in self._ready(active):
+                self._sync_job(job)
+        finally:
+            for lock in locks:
+                lock.release()
+        return [self.results[job.dst] for job in self.jobs]
+
+    def _ready(self, jobs):
+        return [j for j in jobs if self.results[j.dst].status == 'planned']
+
+    def _fail(self, job, message, status='failed'):
+        result = self.results[job.dst]
+        result.status, result.detail = status, message
+
+    def _lock_all(self):
+        if self.opts.dry_run:
+            return []
+        lock_dir = self.opts.lock_dir or default_lock_dir()
+        locks = []
+        for job in self.jobs:
+            lock = DatasetLock(lock_dir, job.dst)
+            if lock.acquire(self.opts.wait):
+                locks.append(lock)
+            else:
+                self._fail(job, '{} is syncing it now; skipped (--wait waits '
+                                'for it)'.format(lock.holder()), 'skipped')
+        return locks
+
+    def _by_host(self, jobs):
+        hosts = {}
+        for job in jobs:
+            hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
+        return hosts.values()
+
+    def _read_sources(self, jobs):
+        for host, host_jobs in self._by_host(jobs):
+            try:
+                found = list_datasets(host, sorted({j.src for j in host_jobs}))
+            except CommandError as exc:
+                for job in host_jobs:
+                    self._fail(job, 'cannot list its source: {}'.format(exc))
+                continue
+            for job in host_jobs:
+                if job.src in found:
+                    self.src[(host.name, job.src)] = found[job.src]
+                else:
+                    self._fail(job, 'source {} does not exist on {}'.format(
+                        job.src, host.name))
+
+    def _read_destinations(self, jobs):
+        parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
+        try:
+            self.dst = list_datasets(self.dst_host, parents, depth=2)
+        except CommandError as exc:
+            for job in jobs:
+                self._fail(job, 'cannot list the destination: {}'.format(exc))
+
+    def _take_snapshots(self, jobs):
+        if not self.opts.make_snapshot:
+            return
+        now = time.time()
+        name = snapshot_name(self.opts.snapshot_prefix, now)
+        for host, host_jobs in self._by_host(jobs):
+            groups = {}
+            for job in host_jobs:
+                groups.setdefault(job.group or job.src, []).append(job)
+            made = False
+            for group, group_jobs in groups.items():
+                sources = [self.src[(host.name, j.src)] for j in group_jobs]
+                if needs_snapshot(sources, self.opts.snapshot_reuse_age, now):
+                    made |= self._snapshot_group(host, group, group_jobs, name, now)
+            if made and not self.opts.dry_run:
+                self._read_sources(host_jobs)
+
+    def _snapshot_group(self, host, group, jobs, name, now) -> bool:
+        """One zfs snapshot for all of a group's datasets: atomic within a pool."""
+        cmd = host.zfs('snapshot', *sorted('{}@{}'.format(j.src, name) for j in jobs))
+        if self.opts.dry_run:
+            self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
+            for job in jobs:
+                key = (host.name, job.src)
+                virtual = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
+                self.src[key] = dataclasses.replace(
+                    self.src[key], snapshots=self.src[key].snapshots + (virtual,))
+            return False
+        try:
+            if self.freeze:
+                with self.freeze(group):
+                    host.run(cmd)
+            else:
+                host.run(cmd)
+        except PvesyncError as exc:
+            for job in jobs:
+                self._fail(job, 'cannot snapshot: {}'.format(exc))
+            return False
+        log.info('%s: made snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
+        return True
+
+    def _check_programs(self, jobs):
+        src_needs, here_needs = needed_commands(self.opts.transfer)
+        missing_here = self.dst_host.missing_commands(here_needs)
+        for host, host_jobs in self._by_host(jobs):
+            try:
+                missing = host.missing_commands(src_needs) if host.is_remote else []
+            except CommandError as exc:
+                missing, problem = [], 'cannot reach it: {}'.format(exc)
+            else:
+                problem = None
+            gaps = ['{} on {}'.format(c, host.name) for c in missing] + \
+                ['{} on {}'.format(c, self.dst_host.name) for c in missing_here]
+            if gaps:
+                problem = ('not installed: {}; install it or choose another '
+                           '--compress'.format(', '.join(gaps)))
+            for job in host_jobs:
+                if problem:
+                    self._fail(job, problem)
+
+    def _sync_job(self, job):
+        result = self.results[job.dst]
+        src = self.src[(job.src_host.name, job.src)]
+        dst = self.dst.get(job.dst)
+        started = time.monotonic()
+        done = []
+        try:
+            if self.opts.dry_run:
+                return self._show_plan(job, src, dst)
+            for _ in range(MAX_STEPS):
+                plan = self._plan(src, dst)
+                if plan.action == 'diverged':
+                    raise SyncError(plan.problem)
+                if not plan.steps:
+                    break
+                done.append(self._run_step(job, src, dst, plan.steps[0], result))
+                dst = list_datasets(self.dst_host, [job.dst]).get(job.dst)
+            else:
+                raise SyncError('still not in sync after {} steps'.format(MAX_STEPS))
+        except PvesyncError as exc:
+            result.status, result.detail = 'failed', str(exc)
+        else:
+            result.status = 'synced' if done else 'up-to-date'
+            newest = [s for s in dst.snapshots if not s.bookmark][-1]
+            result.detail = ', '.join(done + ['at @' + newest.name])
+        result.seconds = time.monotonic() - started
+
+    def _plan(self, src, dst):
+        return plan_sync(src, dst, intermediates=self.opts.intermediates,
+                         rollback=self.opts.rollback,
+                         destroy_diverged=self.opts.destroy_diverged)
+
+    def _run_step(self, job, src, dst, step, result) -> str:
+        """Carry out one step of a plan; returns what it did, for the summary."""
+        if isinstance(step, RollbackStep):
+            self.dst_host.run(self.dst_host.zfs('rollback', '-r', dst.name + step.snapshot.ref))
+            log.warning('%s: rolled back to @%s', dst.name, step.snapshot.name)
+            return 'rolled back to @' + step.snapshot.name
+        if isinstance(step, SendStep) and step.base is None and dst is not None:
+            # Only with --destroy-diverged does a full stream meet an existing dataset.
+            self.dst_host.run(self.dst_host.zfs('destroy', '-r', dst.name))
+            log.warning('%s: destroyed (it shared no snapshot with %s)', dst.name, src.name)
+        if isinstance(step, ResumeStep):
+            estimate = self._resume_estimate(job, step)
+            if estimate is None:
+                self.dst_host.run(self.dst_host.zfs('recv', '-A', job.dst))
+                log.warning('%s: aborted a resumable receive whose source snapshot '
+                            'is gone', job.dst)
+                return 'aborted a stale partial receive'
+        else:
+            estimate = step.estimate
+        if step_is_full(step):
+            self._create_parent(job.dst)
+        stages = self._transfer_stages(job, src, step, estimate)
+        output = run_pipeline(stages, capture=True)
+        result.sent += received_bytes(output)
+        return describe_step(step)
+
+    def _transfer_stages(self, job, src, step, estimate):
+        props = {} if isinstance(step, ResumeStep) else dict(job.props)
+        recv = recv_args(job.dst, props, filesystem=src.type == 'filesystem')
+        return build_transfer(job.src_host, self.dst_host, send_args(step, src), recv,
+                              self.opts.transfer, job.dst, estimate)
+
+    def _resume_estimate(self, job, step) -> Optional[int]:
+        """Bytes still to send for a resume token; None when the token is stale."""
+        host = job.src_host
+        try:
+            out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', step.token))
+        except CommandError as exc:
+            log.info('%s: resume token unusable: %s', job.dst, exc)
+            return None
+        sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
+        return int(sizes[-1]) if sizes else 0
+
+    def _create_parent(self, dst):
+        parent = dst.rpartition('/')[0]
+        if parent not in self.dst:
+            self.dst_host.run(self.dst_host.zfs('create', '-o', 'mountpoint=none', parent))
+            self.dst[parent] = Dataset(parent, 'filesystem')
+
+    def _show_plan(self, job, src, dst):
+        plan = self._plan(src, dst)
+        result = self.results[job.dst]
+        result.detail = plan.problem or plan.action
+        self.out('{}: {}'.format(job.dst, plan.problem or plan.action))
+        for step in plan.steps:
+            if isinstance(step, RollbackStep):
+                cmd = self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
+                self.out('  ' + shlex.join(cmd))
+            else:
+                self.out('  ' + pipeline_text(self._transfer_stages(
+                    job, src, step, getattr(step, 'estimate', 0))))
+        if plan.action == 'resume':
+            self.out('  (then plan again from what the resumed stream brings)')
+
+
+def step_is_full(step) -> bool:
+    return isinstance(step, SendStep) and step.base is None
+
+
+def describe_step(step) -> str:
+    if isinstance(step, ResumeStep):
+        return 'resumed a partial receive'
+    if step.base is None:
+        return 'full @' + step.snapshot.name
+    return 'incremental {}..@{}'.format(step.base.ref, step.snapshot.name)
+
+
+def received_bytes(recv_output: str) -> int:
+    """What zfs recv -v says it received ('received 12.5M stream in 2 seconds')."""
+    total = 0
+    for number, unit in re.findall(r'received ([\d.]+)([BKMGTPE]?)B? stream', recv_output):
+        total += int(float(number) * 1024 ** 'BKMGTPE'.index(unit or 'B'))
+    return total
+
+
+def format_bytes(count: float) -> str:
+    if count < 1024:
+        return '{} B'.format(int(count))
+    for unit in ('KiB', 'MiB', 'GiB', 'TiB'):
+        count /= 1024
+        if count < 1024 or unit == 'TiB':
+            return '{:.1f} {}'.format(count, unit)
+
+
+def format_result(result: JobResult) -> str:
+    if result.status == 'synced':
+        rate = result.sent / result.seconds if result.seconds else 0
+        return '{}: {}; {} in {:.1f} s ({}/s)'.format(
+            result.job.dst, result.detail, format_bytes(result.sent),
+            result.seconds, format_bytes(rate))
+    if result.status == 'up-to-date':
+        return '{}: up to date, {}'.format(result.job.dst, result.detail)
+    return '{}: {}: {}'.format(result.job.dst, result.status.upper(), result.detail)
+
+
+def format_summary(command: str, results: Sequence[JobResult], seconds: float) -> str:
+    counts = {status: sum(r.status == status for r in results)
+              for status in ('synced', 'up-to-date', 'failed', 'skipped')}
+    return '{}: {} volume(s): {} synced, {} up to date, {} failed, {} skipped; {} in {:.1f} s'.format(
+        command, len(results), counts['synced'], counts['up-to-date'],
+        counts['failed'], counts['skipped'],
+        format_bytes(sum(r.sent for r in results)), seconds)
+
+
+# ==============================================================================
+# The command line
+# ==============================================================================
+
+def storage_target(config: Config, cluster_cfg: ClusterConfig, cluster: PveCluster,
+                   storage: str, node: str) -> Tuple[str, SshSettings]:
+    """Where ssh reaches `storage` on `node`: its [storage:] section, else the
+    node's address from the cluster with the cluster's ssh settings."""
+    section = config.storage(cluster_cfg.name, storage, node)
+    if section:
+        return section.target, cluster_cfg.ssh.merged(section.ssh)
+    known = cluster.nodes.get(node)
+    return (known.address if known else node), cluster_cfg.ssh
+
+
+def format_hosts(cluster: PveCluster) -> List[str]:
+    return ['{}/node/{}{}'.format(cluster.name, node.name,
+                                  '' if node.online else '(offline)')
+            for node in cluster.nodes.values()]
+
+
+def filestore_rows(config, cluster_cfg, cluster) -> List[dict]:
+    """One row per storage and node where it exists."""
+    rows = []
+    for storage in sorted(cluster.storages.values(), key=lambda s: s.storage):
+        for node in cluster.nodes:
+            if not storage.on_node(node):
+                continue
+            ssh = None
+            if storage.type == 'zfspool':
+                address, settings = storage_target(
+                    config, cluster_cfg, cluster, storage.storage, node)
+                ssh = settings.argv(address)
+            rows.append(dict(cluster=cluster.name, storage=storage.storage, node=node,
+                             type=storage.type, enabled=storage.enabled,
+                             path=storage.path, pool=storage.pool, ssh=ssh))
+    return rows
+
+
+def format_filestores(rows: Sequence[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        line = '{cluster}/{type}/{storage}@{node}({state};{where!r})'.format(
+            state='on' if row['enabled'] else 'off',
+            where=(row['path'], row['pool']), **row)
+        lines += _with_remote_args(line, row['ssh'])
+    return lines
+
+
+def _with_remote_args(line, ssh):
+    if not ssh:
+        return [line]
+    return [line + ' \\', '    run_remote_args={!r}'.format(ssh)]
+
+
+def guest_rows(config, cluster_cfg, cluster, guests) -> List[dict]:
+    rows = []
+    for guest in guests:
+        row = dict(cluster=cluster.name, vmid=guest.vmid, type=guest.type,
+                   name=guest.name, node=guest.node, status=guest.status,
+                   template=guest.template, pool=guest.pool, tags=list(guest.tags),
+                   volumes=None, note=guest.note)
+        if guest.volumes is not None:
+            row['volumes'] = [_volume_row(config, cluster_cfg, cluster, guest, v)
+                              for v in guest.volumes]
+        rows.append(row)
+    return rows
+
+
+def _volume_row(config, cluster_cfg, cluster, guest, volume) -> dict:
+    ssh = None
+    if volume.skip is None:
+        address, settings = storage_target(
+            config, cluster_cfg, cluster, volume.storage, guest.node)
+        ssh = settings.argv(address)
+    return dict(key=volume.key, storage=volume.storage, volume=volume.volume,
+                storage_type=volume.storage_type, dataset=volume.dataset,
+                boot=volume.boot, sync=volume.skip is None, skip=volume.skip, ssh=ssh)
+
+
+def format_guests(rows: Sequence[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        state = {'running': 'on', 'stopped': 'off'}.get(row['status'], row['status'])
+        lines.append('{cluster}/{type}/{vmid}/{label}({state}{template})'.format(
+            label=row['name'] or row['vmid'], state=state,
+            template=';template' if row['template'] else '', **row))
+        if row['volumes'] is None:
+            lines.append('  (volumes unknown: {})'.format(row['note']))
+            continue
+        for vol in row['volumes']:
+            marks = ['vm={}'.format(row['vmid']), vol['key']]
+            marks += ['BOOT'] if vol['boot'] else []
+            marks += ['sync'] if vol['sync'] else ['skip:' + vol['skip']]
+            line = '  {}/{}/{}/{}({})'.format(
+                row['cluster'], vol['storage_type'] or '?', vol['storage'],
+                vol['volume'], ';'.join(marks))
+            lines += ['  ' + part if i else part
+                      for i, part in enumerate(_with_remote_args(line, vol['ssh']))]
+    return lines
+
+
+def _print_listing(args, rows, formatter):
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        for line in formatter(rows):
+            print(line)
+
+
+class Session:
+    """What one command needs: the config, the cluster's API, ssh hosts."""
+
+    def __init__(self, args):
+        self.args = args
+        self._config = None
+        self._control_dir = None
+        self._hosts = {}
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.args.config)
+        return self._config
+
+    def cluster_config(self) -> ClusterConfig:
+        return self.config.cluster(self.args.pve_cluster)
+
+    def connect(self) -> Tuple[PveApi, PveCluster]:
+        cluster_cfg = self.cluster_config()
+        api = PveApi(cluster_cfg)
+        return api, read_cluster(api, cluster_cfg.name)
+
+    def ssh_host(self, address: str, settings: SshSettings) -> SshHost:
+        key = (address, settings)
+        if key not in self._hosts:
+            if self._control_dir is None:
+                self._control_dir = tempfile.mkdtemp(prefix='planb-pvesync-ssh-')
+            self._hosts[key] = SshHost(address, settings, self._control_dir)
+        return self._hosts[key]
+
+    def close(self):
+        for host in self._hosts.values():
+            host.close()
+        if self._control_dir:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
+
+
+def cmd_list_pve_hosts(session: Session) -> int:
+    _, cluster = session.connect()
+    if session.args.json:
+        rows = [dict(cluster=cluster.name, node=n.name, online=n.online, ip=n.ip)
+                for n in cluster.nodes.values()]
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        print('\n'.join(format_hosts(cluster)))
+    return EXIT_OK
+
+
+def cmd_list_pve_filestores(session: Session) -> int:
+    _, cluster = session.connect()
+    rows = filestore_rows(session.config, session.cluster_config(), cluster)
+    _print_listing(session.args, rows, format_filestores)
+    return EXIT_OK
+
+
+def cmd_list_pve_guests(session: Session) -> int:
+    api, cluster = session.connect()
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, session.args.pve_guest))
+    log.info('discovery: %d API calls', api.calls)
+    rows = guest_rows(session.config, session.cluster_config(), cluster, guests)
+    _print_listing(session.args, rows, format_guests)
+    return EXIT_OK
+
+
+def cmd_sync_pve_guest(session: Session) -> int:
+    args = session.args
+    if not args.pve_guest:
+        raise UsageError('sync-pve-guest needs the guests to sync: -g VMID|NAME')
+    if not args.sync_zfs_root:
+        raise UsageError('sync-pve-guest needs --sync-zfs-root DEST (for example tank/enc)')
+    api, cluster = session.connect()
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, args.pve_guest))
+    log.info('discovery: %d API calls', api.calls)
+    cluster_cfg = session.cluster_config()
+    jobs, unknown = [], []
+    for guest in guests:
+        if guest.volumes is None:
+            unknown.append('{} ({}): volumes unknown: {}'.format(
+                guest.vmid, guest.label, guest.note))
+            continue
+        for volume in guest.volumes:
+            if volume.skip is None:
+                address, settings = storage_target(
+                    session.config, cluster_cfg, cluster, volume.storage, guest.node)
+                jobs.append(guest_job(args.sync_zfs_root, cluster.name, guest, volume,
+                                      session.ssh_host(address, settings)))
+    for problem in unknown:
+        log.error('%s', problem)
+    freeze = guest_freezer(api, guests) if args.fsfreeze else None
+    status = run_jobs(session, jobs, freeze)
+    return EXIT_FAILED if unknown else status
+
+
+def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
+              host) -> SyncJob:
+    """DEST/GUEST/STORAGE--VOLUME, recording where it came from."""
+    dst = '{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name)
+    props = (('cluster', cluster), ('node', guest.node), ('storage', volume.storage),
+             ('volume', volume.volume), ('vmid', str(guest.vmid)))
+    return SyncJob(src_host=host, src=volume.dataset, dst=dst,
+                   group=str(guest.vmid), props=props)
+
+
+def guest_freezer(api: PveApi, guests: Sequence[PveGuest]):
+    """A context manager per guest that freezes its filesystems through the
+    guest agent, where it runs one, and always thaws them again."""
+    by_group = {str(g.vmid): g for g in guests}
+
+    @contextlib.contextmanager
+    def freeze(group):
+        guest = by_group[group]
+        if guest.type != 'qemu' or guest.status != 'running' or not guest.agent:
+            log.info('%s: no fsfreeze (not a running VM with the guest agent)', guest.label)
+            yield
+            return
+        path = 'nodes/{}/qemu/{}/agent/'.format(guest.node, guest.vmid)
+        api.post(path + 'fsfreeze-freeze')
+        try:
+            yield
+        finally:
+            api.post(path + 'fsfreeze-thaw')
+    return freeze
+
+
+def cmd_sync_filesystem(session: Session) -> int:
+    args = session.args
+    address, at, src = args.src.rpartition(':')
+    if not src or '@' in src:
+        raise UsageError('SRC must be [USER@]HOST:POOL/DATASET or POOL/DATASET, '
+                         'not {!r}'.format(args.src))
+    if address:
+        user, _, host = address.rpartition('@')
+        src_host = session.ssh_host(host, SshSettings(user=user or None))
+    else:
+        src_host = LocalHost()
+    if '@' in args.dst or ':' in args.dst or '/' not in args.dst:
+        raise UsageError('DST must be a local dataset below a pool, like tank/enc/name')
+    job = SyncJob(src_host=src_host, src=src, dst=args.dst,
+                  props=(('source', args.src),))
+    return run_jobs(session, [job], None)
+
+
+def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
+    args = session.args
+    started = time.monotonic()
+    opts = SyncOptions(
+        transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
+                                 progress=args.progress),
+        snapshot_prefix=args.snapshot_prefix, make_snapshot=not args.no_snapshot,
+        snapshot_reuse_age=args.snapshot_reuse_age,
+        intermediates=not args.no_intermediates, rollback=args.rollback,
+        destroy_diverged=args.destroy_diverged, dry_run=args.dry_run,
+        wait=args.wait, lock_dir=args.lock_dir)
+    results = SyncRun(jobs, LocalHost(), opts, freeze=freeze).run()
+    for result in results:
+        if result.status == 'failed':
+            log.error('%s', format_result(result))
+        elif result.status == 'skipped':
+            log.warning('%s', format_result(result))
+        elif not args.quiet and not args.dry_run:
+            print(format_result(result))
+    print(format_summary(args.command, results, time.monotonic() - started))
+    return EXIT_FAILED if any(r.status == 'failed' for r in results) else EXIT_OK
+
+
+def _add_common_options(parser, suppress):
+    """Options that may stand before or after the command, as in the origin."""
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument('-f', '--config', metavar='FILENAME', default=default(DEFAULT_CONFIG),
+                        help='config file (default: %(default)s)' if not suppress else None)
+    parser.add_argument('-p', '--pve-cluster', metavar='CLUSTERNAME', default=default(None),
+                        help='the [pve:CLUSTERNAME] section to use (optional when '
+                             'there is one)')
+    parser.add_argument('-g', '--pve-guest', metavar='GUESTNAME', action='append',
+                        default=default([]), help='a guest by vmid or name; repeatable')
+    parser.add_argument('--sync-zfs-root', metavar='DEST_FILESYSTEM', default=default(None),
+                        help='the local dataset that receives the guests, e.g. tank/enc')
+    parser.add_argument('-v', '--verbose', action='count', default=default(0),
+                        help='say more: -v what happens, -vv every API call and command')
+    parser.add_argument('--debug', action='store_const', const=2, dest='verbose',
+                        default=default(0), help='the same as -vv')
+    parser.add_argument('-q', '--quiet', action='store_true', default=default(False),
+                        help='print only the summary and what failed')
+
+
+def _add_sync_options(parser):
+    parser.add_argument('-n', '--dry-run', action='store_true',
+                        help='print the plan and the exact pipelines; change nothing')
+    parser.add_argument('--compress', choices=sorted(COMPRESSORS), default='zstd',
+                        help='compression on the wire (default: %(default)s)')
+    parser.add_argument('--mbuffer', metavar='SIZE',
+                        help='buffer the stream here with mbuffer, e.g. 256M')
+    parser.add_argument('--progress', action=argparse.BooleanOptionalAction,
+                        default=sys.stderr.isatty(),
+                        help='show pv progress (default: when stderr is a terminal)')
+    parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
+                        help='name of the snapshots this tool makes: '
+                             'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
+    parser.add_argument('--no-snapshot', action='store_true',
+                        help='make no snapshot; send what the source has')
+    parser.add_argument('--snapshot-reuse-age', type=int, default=0, metavar='SECONDS',
+                        help='make no snapshot when the source has one younger '
+                             'than this (default: %(default)s, always make one)')
+    parser.add_argument('--no-intermediates', action='store_true',
+                        help='send only the newest snapshot (zfs send -i, not -I)')
+    parser.add_argument('--rollback', action='store_true',
+                        help='roll a changed destination back to the newest common '
+                             'snapshot, destroying what came after it there')
+    parser.add_argument('--destroy-diverged', action='store_true',
+                        help='destroy a destination that shares no snapshot with '
+                             'its source, and copy it anew')
+    parser.add_argument('--wait', action='store_true',
+                        help='wait for another run that holds a volume, instead '
+                             'of skipping it')
+    parser.add_argument('--lock-dir', metavar='DIR',
+                        help='where the per-dataset locks live (default: '
+                             '/run/lock/planb-pvesync)')
+
+
+COMMANDS = {
+    'list-pve-hosts': (cmd_list_pve_hosts, 'list the nodes of the cluster'),
+    'list-pve-guests': (cmd_list_pve_guests, 'list the guests and their volumes'),
+    'list-pve-filestores': (cmd_list_pve_filestores, 'list the storages per node'),
+    'sync-pve-guest': (cmd_sync_pve_guest, "back up the guests' ZFS volumes"),
+    'sync-filesystem': (cmd_sync_filesystem, 'back up one dataset, without PVE'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='planb-pvesync',
+        description='Back up the ZFS volumes of Proxmox VE guests to this host.')
+    parser.add_argument('--version', action='version',
+                        version='%(prog)s ' + __version__)
+    _add_common_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest='command', required=True, title='commands')
+    for name, (func, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        _add_common_options(sub, suppress=True)
+        if name.startswith('list-'):
+            sub.add_argument('--json', action='store_true', help='print JSON')
+        if name.startswith('sync-'):
+            _add_sync_options(sub)
+        if name == 'sync-pve-guest':
+            sub.add_argument('--fsfreeze', action='store_true',
+                             help='freeze the guest filesystems through the QEMU '
+                                  'guest agent around the snapshot')
+        if name == 'sync-filesystem':
+            sub.add_argument('src', metavar='SRC', help='[USER@]HOST:POOL/DATASET or '
+                             'POOL/DATASET')
+            sub.add_argument('dst', metavar='DST', help='the local dataset to receive into')
+        sub.set_defaults(func=func)
+    return parser
+
+
+class _LogFormatter(logging.Formatter):
+    def format(self, record):
+        level = '' if record.levelno < logging.WARNING else record.levelname.lower() + ': '
+        text = 'planb-pvesync: {}{}'.format(level, record.getMessage())
+        if record.exc_info:
+            text += '\n' + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(verbose: int, quiet: bool):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
+                 else logging.WARNING)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    session = Session(args)
+    try:
+        return args.func(session)
+    except PvesyncError as exc:
+        log.error('%s', exc, exc_info=args.verbose >= 2)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error('interrupted')
+        return EXIT_INTERRUPTED
+    finally:
+        session.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -813,9 +813,13 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             errors = None if stage.show_stderr else tempfile.TemporaryFile()
-            proc = subprocess.Popen(
-                stage.argv, stdin=stdin, stderr=errors,
-                stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
+            try:
+                proc = subprocess.Popen(
+                    stage.argv, stdin=stdin, stderr=errors,
+                    stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
+            except OSError as exc:
+                raise CommandError([(stage.name, 127, '{}: {}'.format(
+                    stage.argv[0], exc.strerror))])
             if stdin is not subprocess.DEVNULL:
                 stdin.close()           # the next stage holds it now
             stdin = proc.stdout
@@ -1056,14 +1060,14 @@ def plan_sync(src: Dataset, dst: Optional[Dataset], intermediates=True,
     if dst is not None and dst.resume_token:
         return SyncPlan('resume', (ResumeStep(dst.resume_token),))
     if dst is None:
-        return SyncPlan('full', _full_steps(snapshots, intermediates))
+        return SyncPlan('full', tuple(_full_steps(snapshots, intermediates)))
     # A snapshot and its bookmark share a guid; prefer the snapshot.
     by_guid = {s.guid: s for s in sorted(points, key=lambda s: not s.bookmark)}
     dst_snaps = [s for s in dst.snapshots if not s.bookmark]
     common = [s for s in dst_snaps if s.guid in by_guid]
     if not common:
         if destroy_diverged:
-            return SyncPlan('full', _full_steps(snapshots, intermediates))
+            return SyncPlan('full', tuple(_full_steps(snapshots, intermediates)))
         what = ('has no snapshot' if not dst_snaps else
                 'shares no snapshot with the source (its newest: @{})'.format(
                     dst_snaps[-1].name))

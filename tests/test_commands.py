@@ -1,0 +1,116 @@
+"""Command building (pure) and the pipeline runner (real local processes)."""
+import subprocess
+
+import pytest
+
+from planb_pvesync import (
+    CommandError, Dataset, LocalHost, ResumeStep, SendStep, Snapshot, SshHost,
+    SshSettings, Stage, TransferOptions, build_transfer, pipeline_text,
+    recv_args, remote_command, run_pipeline, send_args)
+
+HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
+
+
+def test_remote_command_survives_a_shell_word_for_word():
+    text = remote_command([['printf', '%s\\n', *HOSTILE]])
+    out = subprocess.run(['sh', '-c', text], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [w for word in HOSTILE for w in word.splitlines()]
+
+
+def test_remote_pipe_fails_when_its_first_command_fails():
+    text = remote_command([['sh', '-c', 'echo data; exit 7'], ['cat']])
+    assert text.startswith('bash -o pipefail -c ')
+    done = subprocess.run(['sh', '-c', text], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (7, 'data\n')
+
+
+def test_remote_pipe_keeps_hostile_words():
+    text = remote_command([['printf', '%s\\n', *HOSTILE], ['cat']])
+    out = subprocess.run(['sh', '-c', text], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [w for word in HOSTILE for w in word.splitlines()]
+
+
+SRC = Dataset('rpool/data/vm-100-disk-0', 'volume')
+S1 = Snapshot('my snap:1', guid=1, createtxg=1)
+S2 = Snapshot('planb-20261126T010000Z', guid=2, createtxg=2)
+
+
+def test_send_args():
+    assert send_args(SendStep(S1), SRC) == [
+        'send', '-L', '-e', '-c', 'rpool/data/vm-100-disk-0@my snap:1']
+    assert send_args(SendStep(S2, base=S1, intermediates=True), SRC)[-3:] == [
+        '-I', 'rpool/data/vm-100-disk-0@my snap:1', 'rpool/data/vm-100-disk-0@' + S2.name]
+    bookmark = Snapshot('b', guid=1, createtxg=1, bookmark=True)
+    assert send_args(SendStep(S2, base=bookmark), SRC)[-3:-1] == [
+        '-i', 'rpool/data/vm-100-disk-0#b']
+    encrypted = Dataset('rpool/data/vm-100-disk-0', 'volume', encrypted=True)
+    assert send_args(SendStep(S1), encrypted)[:2] == ['send', '-w']
+    assert send_args(ResumeStep('1-a-b-c'), SRC) == ['send', '-t', '1-a-b-c']
+
+
+def test_recv_args_never_mount_and_record_the_origin():
+    assert recv_args('tank/enc/g/x', {'vmid': '106'}, filesystem=True) == [
+        'recv', '-s', '-u', '-v', '-o', 'canmount=noauto',
+        '-o', 'planb-pvesync:vmid=106', 'tank/enc/g/x']
+    assert 'canmount=noauto' not in recv_args('tank/enc/g/x', {}, filesystem=False)
+
+
+def remote(user='planb'):
+    return SshHost('10.99.1.1', SshSettings(user=user, port=2222), '/tmp/ctl')
+
+
+def test_pull_pipeline_from_a_remote_node():
+    stages = build_transfer(remote(), LocalHost(), ['send', '-L', 'a@b'],
+                            ['recv', '-s', 'tank/x'], TransferOptions(), 'tank/x', 0)
+    assert [s.name for s in stages] == ['10.99.1.1: zfs send | zstd', 'zstd', 'zfs recv']
+    ssh = stages[0].argv
+    assert ssh[:1] == ['ssh'] and 'BatchMode=yes' in ssh and 'planb@10.99.1.1' in ssh
+    assert ssh[ssh.index('-p') + 1] == '2222'
+    assert ssh[-2:] == ['--', "bash -o pipefail -c 'sudo -n zfs send -L a@b | "
+                        "zstd -3 -T0 -q -c'"]
+    assert stages[1].argv == ['zstd', '-d', '-q', '-c']
+
+
+def test_options_change_the_stages():
+    opts = TransferOptions(compress='none', mbuffer='256M', progress=True)
+    stages = build_transfer(remote('root'), LocalHost(), ['send', 'a@b'],
+                            ['recv', 'tank/x'], opts, 'tank/x', 12345)
+    assert stages[0].argv[-1] == 'zfs send a@b'          # root: no sudo, no pipe
+    assert [s.name for s in stages[1:]] == ['mbuffer', 'pv', 'zfs recv']
+    assert stages[2].argv[-2:] == ['-s', '12345'] and stages[2].show_stderr
+
+
+def test_a_local_source_is_not_compressed():
+    stages = build_transfer(LocalHost(), LocalHost(), ['send', 'a@b'], ['recv', 'x'],
+                            TransferOptions(), 'x', 0)
+    assert [s.name for s in stages] == ['zfs send', 'zfs recv']
+
+
+def test_pipeline_text_is_pasteable():
+    stages = [Stage('a', ['echo', "it's"]), Stage('b', ['tr', 'a-z', 'A-Z'])]
+    assert pipeline_text(stages) == "echo 'it'\"'\"'s' | tr a-z A-Z"
+    out = subprocess.run(['sh', '-c', pipeline_text(stages)], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout == "IT'S\n"
+
+
+def test_run_pipeline_passes_data_between_processes():
+    out = run_pipeline([Stage('seq', ['seq', '100000']), Stage('wc', ['wc', '-l'])],
+                       capture=True)
+    assert out.strip() == '100000'
+
+
+def test_run_pipeline_reports_every_failing_stage_by_name():
+    with pytest.raises(CommandError) as exc:
+        run_pipeline([Stage('pve1: zfs send', ['sh', '-c', 'echo boom >&2; exit 3']),
+                      Stage('zstd', ['sh', '-c', 'cat >/dev/null; echo truncated >&2; exit 1']),
+                      Stage('zfs recv', ['cat'])])
+    assert str(exc.value) == ('pve1: zfs send failed (exit 3): boom; '
+                              'zstd failed (exit 1): truncated')
+    assert exc.value.stderr == 'boom\ntruncated'
+
+
+def test_run_pipeline_missing_program():
+    with pytest.raises(CommandError, match='nope failed .exit 127.: '
+                       '/nonexistent/program: No such file or directory'):
+        run_pipeline([Stage('seq', ['seq', '10']), Stage('nope', ['/nonexistent/program'])])

@@ -1,0 +1,142 @@
+"""~/.proxmoxrc: text in, frozen records or a one-line ConfigError out."""
+import os
+
+import pytest
+
+from planb_pvesync import (
+    ConfigError, SshSettings, UsageError, load_config, parse_config)
+
+FINGERPRINT = ':'.join(['AB'] * 32)
+
+
+def cluster(text, name='c'):
+    return parse_config(text, 'rc').clusters[name]
+
+
+def test_origin_example_with_indented_storage_sections():
+    config = parse_config('''
+[pve:MYCLUSTER]
+api=https://planb@pve:PASS@cluster.example.com:443
+
+  [storage:MYCLUSTER:mc10-5-pve-local-ssd]
+  ssh=someuser@10.20.30.105
+''', 'rc')
+    c = config.clusters['MYCLUSTER']
+    assert (c.user, c.password, c.host, c.port) == (
+        'planb@pve', 'PASS', 'cluster.example.com', 443)
+    storage = config.storage('MYCLUSTER', 'mc10-5-pve-local-ssd', 'anynode')
+    assert storage.target == '10.20.30.105'
+    assert storage.ssh.user == 'someuser'
+
+
+def test_origin_readme_typo_is_explained():
+    with pytest.raises(ConfigError) as exc:
+        cluster('[pve:c]\napi=https://planb@pve:PASS:cluster.example.com:443\n')
+    message = str(exc.value)
+    assert 'rc: [pve:c]' in message
+    assert 'https://planb@pve:PASSWORD@cluster.example.com:443' in message
+    assert 'PASS:' not in message     # the secret is not echoed
+
+
+def test_default_port_and_password_with_at_and_colon():
+    c = cluster('[pve:c]\napi=https://root@pam:p@ss:w0rd@pve1\n')
+    assert (c.user, c.password, c.host, c.port) == ('root@pam', 'p@ss:w0rd', 'pve1', 8006)
+
+
+def test_separate_user_password_and_ipv6_host():
+    c = cluster('[pve:c]\napi=https://[2001:db8::1]:8007\nuser=planb@pve\npassword=x\n')
+    assert (c.host, c.port, c.user, c.password) == ('[2001:db8::1]', 8007, 'planb@pve', 'x')
+
+
+def test_token():
+    c = cluster('[pve:c]\napi=https://pve1\ntoken=planb@pve!sync=aa-bb=cc\n')
+    assert (c.user, c.token_id, c.token_secret, c.password) == (
+        'planb@pve', 'sync', 'aa-bb=cc', None)
+
+
+@pytest.mark.parametrize('extra, field, value', [
+    ('verify_ssl=no', 'verify_ssl', False),
+    ('ca_file=/etc/pve-root-ca.pem', 'ca_file', '/etc/pve-root-ca.pem'),
+    ('fingerprint=' + FINGERPRINT.lower(), 'fingerprint', FINGERPRINT),
+    ('timeout=30', 'timeout', 30),
+])
+def test_tls_and_timeout(extra, field, value):
+    c = cluster('[pve:c]\napi=https://u@pve:p@h\n' + extra + '\n')
+    assert getattr(c, field) == value
+
+
+def test_ssh_settings_per_cluster_and_storage():
+    config = parse_config('''
+[pve:c]
+api=https://u@pve:p@h
+ssh_user=planb
+ssh_port=2222
+ssh_cipher=aes128-gcm@openssh.com
+[storage:c:local-zfs@pve2]
+ssh=root@10.0.0.2
+ssh_key=/keys/pve2
+ssh_options=-o Compression=no
+''', 'rc')
+    c = config.clusters['c']
+    assert c.ssh == SshSettings(user='planb', port=2222, ciphers='aes128-gcm@openssh.com')
+    per_node = config.storage('c', 'local-zfs', 'pve2')
+    assert per_node.node == 'pve2' and per_node.target == '10.0.0.2'
+    merged = c.ssh.merged(per_node.ssh)
+    assert merged.argv('10.0.0.2') == [
+        'ssh', '-p', '2222', '-i', '/keys/pve2', '-c', 'aes128-gcm@openssh.com',
+        '-o', 'Compression=no', 'root@10.0.0.2']
+    assert config.storage('c', 'local-zfs', 'pve1') is None
+
+
+@pytest.mark.parametrize('text, words', [
+    ('[pve:c]\napi=https://u@pve:p@h\nbogus=1\n', ["[pve:c]", "unknown key 'bogus'"]),
+    ('[cluster:c]\napi=x\n', ['[cluster:c]', 'unknown section']),
+    ('[pve:c]\napi=http://u@pve:p@h\n', ['[pve:c]', 'https://']),
+    ('[pve:c]\napi=https://u:p@h\n', ['needs a realm']),
+    ('[pve:c]\napi=https://h\n', ['no user']),
+    ('[pve:c]\napi=https://u@pve@h\n', ['no password or token']),
+    ('[pve:c]\napi=https://u@pve:p@h\ntoken=u@pve!t=s\n', ['both a password and a token']),
+    ('[pve:c]\napi=https://h\ntoken=nonsense\n', ['USER@REALM!TOKENID=SECRET']),
+    ('[pve:c]\napi=https://u@pve:p@h\nfingerprint=AB:CD\n', ['SHA-256']),
+    ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=maybe\n', ['yes or no']),
+    ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=no\nca_file=/x\n', ['choose one']),
+    ('[pve:c]\napi=https://u@pve:p@h\n[pve:c]\napi=https://u@pve:p@h\n', ['already exists']),
+    ('[pve:c]\napi=https://u@pve:p@h:99999x\n', ['bad host']),
+    ('[storage:x:local]\nssh=a@b\n', ["cluster 'x'"]),
+    ('[pve:c]\napi=https://u@pve:p@h\n[storage:c:local]\n', ['missing key ssh']),
+    ('[pve:c]\napi=https://u@pve:p@h\n[storage:c:local@]\nssh=a@b\n', ['STORAGE@NODE']),
+])
+def test_errors_name_file_section_and_fix(text, words):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, 'rc')
+    message = str(exc.value)
+    assert message.startswith('rc') and '\n' not in message
+    for word in words:
+        assert word in message
+
+
+def test_cluster_choice():
+    config = parse_config('[pve:a]\napi=https://u@pve:p@h\n', 'rc')
+    assert config.cluster(None).name == 'a'
+    with pytest.raises(UsageError, match='known clusters: a'):
+        config.cluster('b')
+    two = parse_config('[pve:a]\napi=https://u@pve:p@h\n[pve:b]\napi=https://u@pve:p@h\n', 'rc')
+    with pytest.raises(UsageError, match='choose one with -p: a, b'):
+        two.cluster(None)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match='cannot read config'):
+        load_config(str(tmp_path / 'nope'))
+
+
+def test_readable_secrets_warn(tmp_path, caplog):
+    path = tmp_path / 'rc'
+    path.write_text('[pve:c]\napi=https://u@pve:p@h\n')
+    os.chmod(path, 0o644)
+    load_config(str(path))
+    assert 'chmod 600' in caplog.text
+    caplog.clear()
+    os.chmod(path, 0o600)
+    load_config(str(path))
+    assert caplog.text == ''

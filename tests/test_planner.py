@@ -1,0 +1,173 @@
+"""The sync planner: snapshot lists in, a plan out. Pure, so tested exhaustively."""
+from hypothesis import given, strategies as st
+
+from planb_pvesync import (
+    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, parse_zfs_list, plan_sync)
+
+
+def snap(name, guid, txg, bookmark=False, written=10):
+    return Snapshot(name, guid=guid, createtxg=txg, written=written, size=100,
+                    bookmark=bookmark)
+
+
+S1, S2, S3, S4 = (snap('s%d' % i, 1000 + i, 10 * i) for i in range(1, 5))
+
+
+def src(*snaps, encrypted=False):
+    return Dataset('rpool/data/vm-100-disk-0', 'volume', snapshots=snaps,
+                   encrypted=encrypted)
+
+
+def dst(*snaps, written=0, token=None):
+    return Dataset('tank/enc/g/local-zfs--vm-100-disk-0', 'volume', written=written,
+                   resume_token=token, snapshots=snaps)
+
+
+def test_first_run_sends_the_oldest_whole_then_the_rest_with_intermediates():
+    plan = plan_sync(src(S1, S2, S3), None)
+    assert plan.action == 'full'
+    assert plan.steps == (SendStep(S1, estimate=100),
+                          SendStep(S3, base=S1, intermediates=True, estimate=20))
+
+
+def test_first_run_without_intermediates_sends_only_the_newest():
+    plan = plan_sync(src(S1, S2, S3), None, intermediates=False)
+    assert plan.steps == (SendStep(S3, estimate=100),)
+
+
+def test_incremental_from_the_newest_common_snapshot():
+    plan = plan_sync(src(S1, S2, S3, S4), dst(S1, S2))
+    assert plan.action == 'incremental'
+    assert plan.steps == (SendStep(S4, base=S2, intermediates=True, estimate=20),)
+    assert plan_sync(src(S1, S2, S3, S4), dst(S1, S2), intermediates=False).steps == (
+        SendStep(S4, base=S2, intermediates=False, estimate=20),)
+
+
+def test_up_to_date():
+    assert plan_sync(src(S1, S2), dst(S1, S2)).action == 'up-to-date'
+
+
+def test_matching_is_by_guid_not_by_name():
+    impostor = snap('s2', 999, 20)
+    plan = plan_sync(src(S1, S2, S3), dst(impostor))
+    assert plan.action == 'diverged'
+    assert 'shares no snapshot' in plan.problem and '--destroy-diverged' in plan.problem
+
+
+def test_snapshot_names_on_the_two_sides_may_differ():
+    renamed = snap('renamed', S2.guid, 7)
+    assert plan_sync(src(S1, S2, S3), dst(renamed)).steps == (
+        SendStep(S3, base=S2, intermediates=True, estimate=10),)
+
+
+def test_no_common_snapshot_is_replaced_only_when_asked():
+    other = snap('x', 1, 1)
+    assert plan_sync(src(S1, S2), dst(other)).action == 'diverged'
+    plan = plan_sync(src(S1, S2), dst(other), destroy_diverged=True)
+    assert plan.action == 'full' and plan.steps[0] == SendStep(S1, estimate=100)
+
+
+def test_destination_without_snapshots_is_diverged():
+    plan = plan_sync(src(S1), dst())
+    assert plan.action == 'diverged' and 'has no snapshot' in plan.problem
+
+
+def test_changed_destination_needs_rollback():
+    plan = plan_sync(src(S1, S2, S3), dst(S1, S2, written=4096))
+    assert plan.action == 'diverged'
+    assert '4096 bytes written' in plan.problem and '--rollback' in plan.problem
+    plan = plan_sync(src(S1, S2, S3), dst(S1, S2, written=4096), rollback=True)
+    assert plan.steps == (RollbackStep(S2),
+                          SendStep(S3, base=S2, intermediates=True, estimate=10))
+
+
+def test_common_snapshot_deleted_on_source_is_diverged_unless_rollback():
+    plan = plan_sync(src(S1, S3), dst(S1, S2))
+    assert plan.action == 'diverged'
+    assert '@s2' in plan.problem and 'continue from @s1' in plan.problem
+    plan = plan_sync(src(S1, S3), dst(S1, S2), rollback=True)
+    assert plan.steps[0] == RollbackStep(S1)
+
+
+def test_a_bookmark_keeps_the_chain_when_the_snapshot_is_gone():
+    bm2 = snap('s2', S2.guid, S2.createtxg, bookmark=True)
+    plan = plan_sync(src(S1, bm2, S3, S4), dst(S1, S2))
+    assert plan.action == 'incremental'
+    assert plan.steps == (SendStep(S3, base=bm2, estimate=10),
+                          SendStep(S4, base=S3, intermediates=True, estimate=10))
+    plan = plan_sync(src(S1, bm2, S3), dst(S1, S2))
+    assert plan.steps == (SendStep(S3, base=bm2, estimate=10),)
+
+
+def test_a_snapshot_is_preferred_over_its_bookmark():
+    bm2 = snap('s2', S2.guid, S2.createtxg, bookmark=True)
+    plan = plan_sync(src(S1, S2, bm2, S3), dst(S1, S2))
+    assert plan.steps == (SendStep(S3, base=S2, intermediates=True, estimate=10),)
+
+
+def test_resume_token_comes_first():
+    plan = plan_sync(src(S1, S2), dst(S1, token='1-abc-def'))
+    assert plan.action == 'resume' and plan.steps == (ResumeStep('1-abc-def'),)
+
+
+def test_pve_transient_snapshots_are_no_base():
+    replicate = snap('__replicate_100-0_1700000000__', 50, 35)
+    vzdump = snap('vzdump', 51, 36)
+    plan = plan_sync(src(S1, S2, replicate, vzdump), dst(S1))
+    assert plan.steps == (SendStep(S2, base=S1, intermediates=True, estimate=10),)
+
+
+def test_nothing_to_send():
+    plan = plan_sync(src(), None)
+    assert plan.action == 'diverged' and 'no snapshot' in plan.problem
+
+
+def test_parse_zfs_list():
+    text = ('rpool/data/vm-1-disk-0\tvolume\t1\t5\t1700000000\t4096\t8388608\toff\t-\n'
+            'rpool/data/vm-1-disk-0@my snap:1\tsnapshot\t11\t6\t1700000001\t512\t8388608\t-\t-\n'
+            'rpool/data/vm-1-disk-0#my snap:1\tbookmark\t11\t6\t1700000001\t-\t-\t-\t-\n'
+            'tank/enc/x\tfilesystem\t2\t9\t1700000000\t0\t0\taes-256-gcm\t1-ab-cd-ef\n')
+    found = parse_zfs_list(text)
+    vol = found['rpool/data/vm-1-disk-0']
+    assert (vol.type, vol.written, vol.encrypted, vol.resume_token) == ('volume', 4096, False, None)
+    assert [(s.name, s.guid, s.bookmark, s.ref) for s in vol.snapshots] == [
+        ('my snap:1', 11, False, '@my snap:1'), ('my snap:1', 11, True, '#my snap:1')]
+    fs = found['tank/enc/x']
+    assert fs.encrypted and fs.resume_token == '1-ab-cd-ef' and fs.snapshots == ()
+
+
+# A property test: whatever the source's history and whichever prefix of it
+# the destination got in earlier runs, the plan brings the destination to the
+# source's newest snapshot, each incremental starting where the destination is.
+
+histories = st.integers(min_value=1, max_value=12).map(
+    lambda n: [snap('s%d' % i, 5000 + i, 10 * i) for i in range(n)])
+
+
+@given(histories, st.data(), st.booleans())
+def test_plans_always_reach_the_newest_snapshot(history, data, intermediates):
+    received = data.draw(st.integers(min_value=0, max_value=len(history)))
+    kept = sorted(data.draw(st.sets(st.integers(0, len(history) - 1))) | {len(history) - 1})
+    source = src(*[history[i] for i in kept])
+    destination = dst(*history[:received]) if received else None
+    plan = plan_sync(source, destination, intermediates=intermediates)
+    if destination and not any(s in source.snapshots for s in destination.snapshots):
+        assert plan.action == 'diverged'
+        return
+    if destination and destination.snapshots[-1] not in source.snapshots:
+        assert plan.action == 'diverged' and '--rollback' in plan.problem
+        return
+    have = list(destination.snapshots) if destination else []
+    for step in plan.steps:
+        if step.base is None:
+            assert not have
+            have = [step.snapshot]
+        else:
+            assert have[-1].guid == step.base.guid
+            later = [s for s in source.snapshots
+                     if step.base.createtxg < s.createtxg <= step.snapshot.createtxg]
+            have += later if step.intermediates else [step.snapshot]
+    assert have[-1] == source.snapshots[-1]
+    if intermediates:
+        start = have.index(destination.snapshots[-1]) if destination else 0
+        assert [s for s in source.snapshots if s.createtxg >= have[start].createtxg] == have[start:]

@@ -663,7 +663,8 @@ def _open_session(cluster: ClusterConfig) -> 'requests.Session':
 
 
 class _ApiSession(requests.Session):
-    """A session with a time-out on every request (proxmoxer sets none)."""
+    """A session with a time-out on every request (proxmoxer sets none), whose
+    own `verify` wins over REQUESTS_CA_BUNDLE in the environment."""
 
     def __init__(self, timeout):
         super().__init__()
@@ -671,6 +672,7 @@ class _ApiSession(requests.Session):
 
     def request(self, *args, **kwargs):
         kwargs.setdefault('timeout', self.timeout)
+        kwargs.setdefault('verify', self.verify)
         return super().request(*args, **kwargs)
 
 
@@ -1149,6 +1151,7 @@ class TransferOptions:
     compress: str = 'zstd'
     mbuffer: Optional[str] = None   # buffer size, e.g. '256M'
     progress: bool = False          # pv, to stderr
+    bwlimit: Optional[str] = None   # bytes per second, e.g. '20M' (pv -L)
 
 
 def transfer_commands(opts: TransferOptions, src_remote: bool) -> Tuple[list, list]:
@@ -1186,18 +1189,26 @@ def build_transfer(src_host, dst_host, send: List[str], recv: List[str],
     src_side, dst_side = transfer_commands(opts, src_host.is_remote)
     stages = src_host.stages([src_host.zfs(*send)] + src_side)
     stages += [Stage(_command_name(cmd), cmd) for cmd in dst_side]
-    if opts.progress:
-        stages.append(Stage('pv', ['pv', '-ptebar', '-N', label] +
-                            (['-s', str(estimate)] if estimate else []),
-                            show_stderr=True))
+    if opts.progress or opts.bwlimit:
+        stages.append(pv_stage(opts, label, estimate))
     recv_cmd = dst_host.zfs(*recv)
     return stages + [Stage(_command_name(recv_cmd), recv_cmd)]
+
+
+def pv_stage(opts: TransferOptions, label: str, estimate: int) -> Stage:
+    """pv shows progress (sized by the estimate) and/or limits the rate."""
+    argv = ['pv'] + (['-ptebar', '-N', label] if opts.progress else ['-q'])
+    if opts.progress and estimate:
+        argv += ['-s', str(estimate)]
+    if opts.bwlimit:
+        argv += ['-L', opts.bwlimit]
+    return Stage('pv', argv, show_stderr=opts.progress)
 
 
 def needed_commands(opts: TransferOptions) -> Tuple[List[str], List[str]]:
     """The programs each side needs for a transfer: (source, this side)."""
     src_side, dst_side = transfer_commands(opts, True)
-    here = [cmd[0] for cmd in dst_side] + (['pv'] if opts.progress else [])
+    here = [cmd[0] for cmd in dst_side] + (['pv'] if opts.progress or opts.bwlimit else [])
     return [cmd[0] for cmd in src_side], here
 
 
@@ -1341,8 +1352,8 @@ class SyncRun:
             active = [j for j in self.jobs if self.results[j.dst].status == 'planned']
             self._read_sources(active)
             self._read_destinations(active)
-            self._take_snapshots(self._ready(active))
             self._check_programs(self._ready(active))
+            self._take_snapshots(self._ready(active))
             for job in self._ready(active):
                 self._sync_job(job)
         finally:
@@ -1446,7 +1457,8 @@ class SyncRun:
         missing_here = self.dst_host.missing_commands(here_needs)
         for host, host_jobs in self._by_host(jobs):
             try:
-                missing = host.missing_commands(src_needs) if host.is_remote else []
+                missing = (host.missing_commands(src_needs)
+                           if host.is_remote and src_needs else [])
             except CommandError as exc:
                 missing, problem = [], 'cannot reach it: {}'.format(exc)
             else:
@@ -1690,9 +1702,9 @@ def format_guests(rows: Sequence[dict]) -> List[str]:
     lines = []
     for row in rows:
         state = {'running': 'on', 'stopped': 'off'}.get(row['status'], row['status'])
-        lines.append('{cluster}/{type}/{vmid}/{label}({state}{template})'.format(
-            label=row['name'] or row['vmid'], state=state,
-            template=';template' if row['template'] else '', **row))
+        lines.append('{}/{}/{}/{}({}{})'.format(
+            row['cluster'], row['type'], row['vmid'], row['name'] or row['vmid'], state,
+            ';template' if row['template'] else ''))
         if row['volumes'] is None:
             lines.append('  (volumes unknown: {})'.format(row['note']))
             continue
@@ -1702,7 +1714,7 @@ def format_guests(rows: Sequence[dict]) -> List[str]:
             marks += ['sync'] if vol['sync'] else ['skip:' + vol['skip']]
             line = '  {}/{}/{}/{}({})'.format(
                 row['cluster'], vol['storage_type'] or '?', vol['storage'],
-                vol['volume'], ';'.join(marks))
+                vol['volume'].rsplit('/', 1)[-1], ';'.join(marks))
             lines += ['  ' + part if i else part
                       for i, part in enumerate(_with_remote_args(line, vol['ssh']))]
     return lines
@@ -1864,7 +1876,7 @@ def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
     started = time.monotonic()
     opts = SyncOptions(
         transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
-                                 progress=args.progress),
+                                 progress=args.progress, bwlimit=args.bwlimit),
         snapshot_prefix=args.snapshot_prefix, make_snapshot=not args.no_snapshot,
         snapshot_reuse_age=args.snapshot_reuse_age,
         intermediates=not args.no_intermediates, rollback=args.rollback,
@@ -1909,6 +1921,9 @@ def _add_sync_options(parser):
                         help='compression on the wire (default: %(default)s)')
     parser.add_argument('--mbuffer', metavar='SIZE',
                         help='buffer the stream here with mbuffer, e.g. 256M')
+    parser.add_argument('--bwlimit', metavar='RATE',
+                        help='limit the transfer to RATE bytes per second, e.g. 50M '
+                             '(with pv)')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction,
                         default=sys.stderr.isatty(),
                         help='show pv progress (default: when stderr is a terminal)')
@@ -2002,6 +2017,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error('interrupted')
         return EXIT_INTERRUPTED
+    except Exception as exc:     # a bug: still one line, unless asked for more
+        log.error('internal error: %s: %s (--debug shows where)',
+                  type(exc).__name__, exc, exc_info=args.verbose >= 2)
+        return EXIT_FAILED
     finally:
         session.close()
 

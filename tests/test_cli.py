@@ -1,0 +1,223 @@
+"""The command line against the PVE API double on loopback: config forms,
+listings (whole output, text and JSON) and the errors a user meets."""
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import planb_pvesync
+from pve_double import PveDouble, write_fixture
+
+HERE = Path(__file__).parent
+FIXTURE = HERE / 'fixtures' / 'cluster.json'
+EXPECTED = HERE / 'expected'
+TOKEN = 'planb@pve!sync=8a1a3c52-1b1e-4d4e-9b2e-2f6c2b7d9e10'
+
+
+@pytest.fixture(scope='module')
+def pve():
+    with PveDouble(FIXTURE) as double:
+        yield double
+
+
+@pytest.fixture
+def rc(tmp_path, pve):
+    """rc(key=value lines...) -> path of a ~/.proxmoxrc for cluster demo."""
+    def write(*lines, api=None):
+        path = tmp_path / 'proxmoxrc'
+        api = api or 'https://planb@pve:planbpass@127.0.0.1:{}'.format(pve.port)
+        path.write_text('\n'.join(['[pve:demo]', 'api=' + api, *lines, '']))
+        path.chmod(0o600)
+        return str(path)
+    return write
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit status, stdout, stderr)."""
+    code = planb_pvesync.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pinned(pve):
+    return 'fingerprint=' + pve.fingerprint
+
+
+@pytest.mark.parametrize('command', ['list-pve-hosts', 'list-pve-filestores',
+                                     'list-pve-guests'])
+@pytest.mark.parametrize('as_json', [False, True])
+def test_listings_whole_output(capsys, rc, pve, command, as_json):
+    config = rc(pinned(pve), 'ssh_user=planb')
+    code, out, err = run(capsys, '-f', config, command, *(['--json'] if as_json else []))
+    assert (code, err) == (0, '')
+    expected = EXPECTED / '{}.{}'.format(command, 'json' if as_json else 'txt')
+    if os.environ.get('PLANB_UPDATE_EXPECTED'):
+        expected.write_text(out)
+    assert out == expected.read_text()
+    if as_json:
+        json.loads(out)
+
+
+def test_guest_filter_by_vmid_and_name(capsys, rc, pve):
+    config = rc(pinned(pve))
+    code, by_name, _ = run(capsys, '-f', config, 'list-pve-guests', '-g', 'ct-web')
+    assert code == 0 and by_name.splitlines()[0] == 'demo/lxc/200/ct-web(on)'
+    code, by_id, _ = run(capsys, '-f', config, '-g', '200', 'list-pve-guests')
+    assert by_id == by_name
+
+
+def test_unknown_and_ambiguous_guests(capsys, rc, pve, tmp_path):
+    code, out, err = run(capsys, '-f', rc(pinned(pve)), 'list-pve-guests', '-g', 'nope')
+    assert code == 2 and "no guest 'nope' in cluster demo" in err
+    twin = json.loads(FIXTURE.read_text())
+    twin['guests'].append(dict(twin['guests'][2], vmid=306, node='pve2'))
+    fixture = tmp_path / 'twin.json'
+    write_fixture(fixture, twin)
+    with PveDouble(fixture) as other:
+        config = rc('fingerprint=' + other.fingerprint,
+                    api='https://planb@pve:planbpass@127.0.0.1:{}'.format(other.port))
+        code, out, err = run(capsys, '-f', config, 'list-pve-guests', '-g', 'acme-wp')
+    assert code == 2
+    assert "guest name 'acme-wp' is ambiguous in cluster demo: 106 on pve1, 306 on pve2" in err
+
+
+def test_api_call_count_is_fixed_plus_one_per_guest(capsys, rc, pve):
+    pve.reset_calls()
+    code, _, err = run(capsys, '-v', '-f', rc(pinned(pve)), 'list-pve-guests')
+    configs = [c for c in pve.calls if c[1].endswith('/config')]
+    assert code == 0 and len(configs) == 5     # the offline node's guest costs none
+    assert len(pve.calls) == 4 + len(configs)  # login, resources, storage, status
+    assert 'discovery: {} API calls'.format(len(pve.calls)) in err
+
+
+@pytest.mark.parametrize('lines, api', [
+    (['token=' + TOKEN], 'https://127.0.0.1:{port}'),
+    (['user=planb@pve', 'password=planbpass'], 'https://127.0.0.1:{port}'),
+    ([], 'https://planb@pve:planbpass@localhost:{port}'),
+])
+def test_login_forms(capsys, rc, pve, lines, api):
+    config = rc(pinned(pve), *lines, api=api.format(port=pve.port))
+    code, out, err = run(capsys, '-f', config, 'list-pve-hosts')
+    assert (code, err) == (0, '') and out.startswith('demo/node/pve1\n')
+    if lines and lines[0].startswith('token='):
+        assert ('POST', '/access/ticket') not in pve.calls[-3:]
+
+
+@pytest.mark.parametrize('tls', ['ca_file', 'verify_ssl=no'])
+def test_tls_settings(capsys, rc, pve, tls):
+    line = 'ca_file=' + pve.cert_file if tls == 'ca_file' else tls
+    code, out, _ = run(capsys, '-f', rc(line), 'list-pve-hosts')
+    assert code == 0 and out.startswith('demo/node/pve1\n')
+
+
+def test_unpinned_self_signed_certificate_names_the_fingerprint(capsys, rc, pve):
+    code, out, err = run(capsys, '-f', rc(), 'list-pve-hosts')
+    assert code == 3 and out == ''
+    assert 'its TLS certificate is not trusted' in err
+    assert 'fingerprint=' + pve.fingerprint in err
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_pinned_fingerprint_that_does_not_match(capsys, rc, pve):
+    code, _, err = run(capsys, '-f', rc('fingerprint=' + ':'.join(['00'] * 32)),
+                       'list-pve-hosts')
+    assert code == 3 and 'fingerprint=' + pve.fingerprint in err
+
+
+@pytest.mark.parametrize('lines, words', [
+    (['user=planb@pve', 'password=wrong'], ['login as planb@pve refused (401', 'password']),
+    (['token=planb@pve!sync=wrong'], ['login as planb@pve refused (401', 'token']),
+])
+def test_bad_credentials(capsys, rc, pve, lines, words):
+    code, _, err = run(capsys, '-f', rc(pinned(pve), *lines,
+                                        api='https://127.0.0.1:{}'.format(pve.port)),
+                       'list-pve-hosts')
+    assert code == 3 and len(err.splitlines()) == 1
+    for word in words:
+        assert word in err
+
+
+@pytest.mark.parametrize('user, command, privilege', [
+    ('nosys@pve:nosyspass', 'list-pve-hosts', 'Sys.Audit'),
+])
+def test_missing_privilege_is_named(capsys, rc, pve, user, command, privilege):
+    api = 'https://{}@127.0.0.1:{}'.format(user, pve.port)
+    code, _, err = run(capsys, '-f', rc(pinned(pve), api=api), command)
+    assert code == 3 and 'grant it {}'.format(privilege) in err
+    assert len(err.splitlines()) == 1
+
+
+def test_guests_hidden_without_vm_audit(capsys, rc, pve):
+    api = 'https://novm@pve:novmpass@127.0.0.1:{}'.format(pve.port)
+    code, _, err = run(capsys, '-f', rc(pinned(pve), api=api), 'list-pve-guests', '-g', '106')
+    assert code == 2 and 'lacks VM.Audit' in err
+
+
+def test_unreachable_host(capsys, rc):
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]        # closed again: nothing listens there
+    code, _, err = run(capsys, '-f', rc(api='https://u@pve:p@127.0.0.1:{}'.format(port)),
+                       'list-pve-hosts')
+    assert code == 3 and 'cannot connect' in err and 'check api= in [pve:demo]' in err
+
+
+def test_time_out(capsys, rc):
+    with socket.socket() as silent:         # accepts connections, never answers
+        silent.bind(('127.0.0.1', 0))
+        silent.listen(5)
+        config = rc('timeout=1', 'verify_ssl=no',
+                    api='https://u@pve:p@127.0.0.1:{}'.format(silent.getsockname()[1]))
+        code, _, err = run(capsys, '-f', config, 'list-pve-hosts')
+    assert code == 3 and 'no answer within 1 s' in err
+
+
+def test_guest_that_vanishes_between_two_calls(capsys, rc, tmp_path):
+    fixture = tmp_path / 'cluster.json'
+    data = json.loads(FIXTURE.read_text())
+    write_fixture(fixture, data)
+    with PveDouble(fixture, latency=0.3) as slow:
+        def delete_106_after_discovery():
+            while ('GET', '/cluster/status') not in slow.calls:
+                time.sleep(0.005)
+            write_fixture(fixture, dict(data, guests=[g for g in data['guests']
+                                                      if g['vmid'] != 106]))
+        threading.Thread(target=delete_106_after_discovery, daemon=True).start()
+        config = rc('fingerprint=' + slow.fingerprint,
+                    api='https://planb@pve:planbpass@127.0.0.1:{}'.format(slow.port))
+        code, _, err = run(capsys, '-f', config, 'list-pve-guests', '-g', '106')
+    assert code == 3
+    assert 'guest 106 (acme-wp) vanished from node pve1 between two API calls' in err
+
+
+def test_origin_usage_and_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        planb_pvesync.main([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert 'usage: planb-pvesync' in err and '{list-pve-hosts,' in err
+    assert 'the following arguments are required: command' in err
+    with pytest.raises(SystemExit) as exc:
+        planb_pvesync.main(['--version'])
+    assert exc.value.code == 0 and planb_pvesync.__version__ in capsys.readouterr().out
+    for option in ('--config FILENAME', '--pve-cluster CLUSTERNAME',
+                   '--pve-guest GUESTNAME', '--sync-zfs-root DEST_FILESYSTEM'):
+        with pytest.raises(SystemExit):
+            planb_pvesync.main(['-h'])
+        assert option.split()[0] in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_with_one_line(capsys, tmp_path):
+    path = tmp_path / 'rc'
+    path.write_text('[pve:demo]\napi=https://planb@pve:PASS:cluster.example.com:443\n')
+    code, _, err = run(capsys, '-f', str(path), 'list-pve-hosts')
+    assert code == 2 and err.count('\n') == 1 and '[pve:demo]' in err
+
+
+def test_sync_needs_guest_and_root(capsys, rc, pve):
+    code, _, err = run(capsys, '-f', rc(pinned(pve)), 'sync-pve-guest', '-g', '106')
+    assert code == 2 and '--sync-zfs-root' in err

@@ -794,6 +794,9 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
 # Running commands: process pipelines, here or over ssh
 # ==============================================================================
 
+BROKEN_PIPE = (-signal.SIGPIPE, 128 + signal.SIGPIPE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str                       # for messages: 'zstd', 'pve1: zfs send | zstd'
@@ -842,6 +845,8 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
                 proc.stdout.close()
     failed = [(stage.name, proc.returncode, _read_tail(errors))
               for stage, proc, errors in running if proc.returncode != 0]
+    # A stage killed by a broken pipe only shows that a later one died first.
+    failed = [f for f in failed if f[1] not in BROKEN_PIPE] or failed
     for _, _, errors in running:
         if errors:
             errors.close()
@@ -1168,7 +1173,9 @@ def send_args(step, src: Dataset) -> List[str]:
     """The arguments of zfs send for one step."""
     if isinstance(step, ResumeStep):
         return ['send', '-t', step.token]
-    flags = ['-w'] if src.encrypted else ['-L', '-e', '-c']
+    # Large and compressed blocks as they are on disk; no -e: an encrypted
+    # destination (tank/enc) cannot receive embedded blocks.
+    flags = ['-w'] if src.encrypted else ['-L', '-c']
     if step.base is not None:
         flags += ['-I' if step.intermediates else '-i', src.name + step.base.ref]
     return ['send', *flags, src.name + step.snapshot.ref]
@@ -1416,31 +1423,26 @@ class SyncRun:
             return
         now = time.time()
         name = snapshot_name(self.opts.snapshot_prefix, now)
-        for host, host_jobs in self._by_host(jobs):
-            groups = {}
-            for job in host_jobs:
-                groups.setdefault(job.group or job.src, []).append(job)
-            made = False
-            for group, group_jobs in groups.items():
-                sources = [self.src[(host.name, j.src)] for j in group_jobs]
-                if needs_snapshot(sources, self.opts.snapshot_reuse_age, now):
-                    made |= self._snapshot_group(host, group, group_jobs, name, now)
-            if made and not self.opts.dry_run:
-                self._read_sources(host_jobs)
+        groups = {}
+        for job in jobs:
+            groups.setdefault((job.src_host.name, job.group or job.src), []).append(job)
+        for (_, group), group_jobs in groups.items():
+            sources = [self.src[(j.src_host.name, j.src)] for j in group_jobs]
+            if needs_snapshot(sources, self.opts.snapshot_reuse_age, now):
+                self._snapshot_group(group, group_jobs, name, now)
 
-    def _snapshot_group(self, host, group, jobs, name, now) -> bool:
-        """One zfs snapshot for all of a group's datasets: atomic within a pool."""
+    def _snapshot_group(self, group, jobs, name, now):
+        """One zfs snapshot for all of a group's datasets: atomic within a pool.
+
+        The new snapshot joins the listing without a second zfs list: its guid
+        matters only once it is on the destination, which is listed anew.
+        """
+        host = jobs[0].src_host
         cmd = host.zfs('snapshot', *sorted('{}@{}'.format(j.src, name) for j in jobs))
-        if self.opts.dry_run:
-            self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
-            for job in jobs:
-                key = (host.name, job.src)
-                virtual = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
-                self.src[key] = dataclasses.replace(
-                    self.src[key], snapshots=self.src[key].snapshots + (virtual,))
-            return False
         try:
-            if self.freeze:
+            if self.opts.dry_run:
+                self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
+            elif self.freeze:
                 with self.freeze(group):
                     host.run(cmd)
             else:
@@ -1448,9 +1450,13 @@ class SyncRun:
         except PvesyncError as exc:
             for job in jobs:
                 self._fail(job, 'cannot snapshot: {}'.format(exc))
-            return False
-        log.info('%s: made snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
-        return True
+            return
+        log.info('%s: snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
+        for job in jobs:
+            key = (host.name, job.src)
+            newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
+            self.src[key] = dataclasses.replace(
+                self.src[key], snapshots=self.src[key].snapshots + (newest,))
 
     def _check_programs(self, jobs):
         src_needs, here_needs = needed_commands(self.opts.transfer)

@@ -714,9 +714,10 @@ def auth_value(header, key):
 class Api:
     """Answers requests: credentials, routes, privileges, the fixture, the agents."""
 
-    def __init__(self, fixture_path, latency=0.0):
+    def __init__(self, fixture_path, latency=0.0, on_call=None):
         self.fixture = Fixture(fixture_path)
         self.latency = latency
+        self.on_call = on_call          # called with (method, path) of every call
         self.agents = GuestAgents()
         self.fingerprint = None         # of the certificate, once there is one
         self._secret = secrets.token_bytes(32)
@@ -742,6 +743,8 @@ class Api:
         path = path[len(API_PREFIX):] or '/'
         with self._lock:
             self._calls.append((method, path))
+        if self.on_call:
+            self.on_call(method, path)
         try:
             params = request_params(method, url.query, headers, body)
             data = self._dispatch(method, path, params, headers)
@@ -884,6 +887,7 @@ def ensure_certificate(directory, names):
     cert, key = os.path.join(directory, CERT_FILE), os.path.join(directory, KEY_FILE)
     if os.path.exists(cert) and os.path.exists(key):
         return cert, key
+    os.makedirs(directory, exist_ok=True)
     san = ','.join(('IP:' if is_ip(name) else 'DNS:') + name for name in names)
     command = ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
                '-nodes', '-days', '3650', '-subj', '/CN=' + names[0], '-keyout', key, '-out', cert,
@@ -928,10 +932,11 @@ def colon_hex(digest) -> str:
 class PveDouble:
     """The double, served from a thread: `with PveDouble(fixture) as pve: pve.url ...`."""
 
-    def __init__(self, fixture_path, host='127.0.0.1', port=0, latency=0.0, cert_dir=None):
+    def __init__(self, fixture_path, host='127.0.0.1', port=0, latency=0.0, cert_dir=None,
+                 on_call=None):
         self.host, self.port = host, port
         self.cert_file = self.fingerprint = None
-        self._api = Api(fixture_path, latency)
+        self._api = Api(fixture_path, latency, on_call)
         self._cert_dir = cert_dir
         self._temporary = self._server = None
 
@@ -995,10 +1000,14 @@ def main(argv=None):
     parser.add_argument('--cert-dir', help='keep the certificate here, to reuse it next time')
     parser.add_argument('--latency', type=float, default=0.0, metavar='SECONDS',
                         help='delay added to every request')
+    parser.add_argument('--log-calls', action='store_true',
+                        help='print "METHOD PATH" for every API call')
     args = parser.parse_args(argv)
+    on_call = (lambda method, path: print(method, path, flush=True)) if args.log_calls else None
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with PveDouble(args.fixture, args.bind, args.port, args.latency, args.cert_dir) as double:
+        with PveDouble(args.fixture, args.bind, args.port, args.latency, args.cert_dir,
+                       on_call) as double:
             print('ready {} fingerprint={}'.format(double.url, double.fingerprint), flush=True)
             threading.Event().wait()
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ S2 = Snapshot('planb-20261126T010000Z', guid=2, createtxg=2)
 
 def test_send_args():
     assert send_args(SendStep(S1), SRC) == [
-        'send', '-L', '-e', '-c', 'rpool/data/vm-100-disk-0@my snap:1']
+        'send', '-L', '-c', 'rpool/data/vm-100-disk-0@my snap:1']
     assert send_args(SendStep(S2, base=S1, intermediates=True), SRC)[-3:] == [
         '-I', 'rpool/data/vm-100-disk-0@my snap:1', 'rpool/data/vm-100-disk-0@' + S2.name]
     bookmark = Snapshot('b', guid=1, createtxg=1, bookmark=True)
@@ -108,6 +108,12 @@ def test_run_pipeline_reports_every_failing_stage_by_name():
     assert str(exc.value) == ('pve1: zfs send failed (exit 3): boom; '
                               'zstd failed (exit 1): truncated')
     assert exc.value.stderr == 'boom\ntruncated'
+
+
+def test_a_broken_pipe_is_not_the_cause():
+    with pytest.raises(CommandError) as exc:
+        run_pipeline([Stage('yes', ['yes']), Stage('head', ['sh', '-c', 'exit 4'])])
+    assert str(exc.value) == 'head failed (exit 4): no error output'
 
 
 def test_run_pipeline_missing_program():

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+import planb_pvesync
 from planb_pvesync import (
     ConfigError, SshSettings, UsageError, load_config, parse_config)
 
@@ -130,7 +131,8 @@ def test_missing_file(tmp_path):
         load_config(str(tmp_path / 'nope'))
 
 
-def test_readable_secrets_warn(tmp_path, caplog):
+def test_readable_secrets_warn(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(planb_pvesync.log, 'propagate', True)   # main() may have cleared it
     path = tmp_path / 'rc'
     path.write_text('[pve:c]\napi=https://u@pve:p@h\n')
     os.chmod(path, 0o644)

@@ -1020,6 +1020,16 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
         for name, f in fields.items()}
 
 
+def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
+    """`src` with the guids of this run's new snapshots (listed as guid 0)
+    taken from the destination, once they arrived there under the same name."""
+    received = {s.name: s.guid for s in (dst.snapshots if dst else ()) if not s.bookmark}
+    return dataclasses.replace(src, snapshots=tuple(
+        dataclasses.replace(s, guid=received[s.name])
+        if s.guid == 0 and s.name in received else s
+        for s in src.snapshots))
+
+
 def _int(text):
     return int(text) if text.isdigit() else 0
 
@@ -1495,6 +1505,7 @@ class SyncRun:
                     break
                 done.append(self._run_step(job, src, dst, plan.steps[0], result))
                 dst = list_datasets(self.dst_host, [job.dst]).get(job.dst)
+                src = learn_guids(src, dst)
             else:
                 raise SyncError('still not in sync after {} steps'.format(MAX_STEPS))
         except PvesyncError as exc:

@@ -2,7 +2,8 @@
 from hypothesis import given, strategies as st
 
 from planb_pvesync import (
-    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, parse_zfs_list, plan_sync)
+    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, learn_guids, parse_zfs_list,
+    plan_sync)
 
 
 def snap(name, guid, txg, bookmark=False, written=10):
@@ -171,3 +172,12 @@ def test_plans_always_reach_the_newest_snapshot(history, data, intermediates):
     if intermediates:
         start = have.index(destination.snapshots[-1]) if destination else 0
         assert [s for s in source.snapshots if s.createtxg >= have[start].createtxg] == have[start:]
+
+
+def test_a_new_snapshot_learns_its_guid_from_the_destination():
+    new = Snapshot('planb-new', guid=0, createtxg=2 ** 63)
+    received = snap('planb-new', 4242, 77)
+    source = learn_guids(src(S1, new), dst(S1, received))
+    assert [s.guid for s in source.snapshots] == [S1.guid, 4242]
+    assert plan_sync(source, dst(S1, received)).action == 'up-to-date'
+    assert learn_guids(src(S1, new), None).snapshots == (S1, new)

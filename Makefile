@@ -1,12 +1,20 @@
 PYTHON ?= python3
 
-.PHONY: test lab lab-down
+.PHONY: deps test demo lab lab-down
 
-test:
+# Packages the tests and the lab need (Debian 12, as root); a no-op when present.
+deps:
+	tests/lab/install-deps
+
+test: deps
 	$(PYTHON) -m pytest -v tests
 
+# Boot the lab and show the tool backing up a guest of the demo cluster.
+demo: deps
+	$(PYTHON) tests/lab/demo.py
+
 # Boot the VM lab (building its image if needed) and leave it running; prints how to log in.
-lab:
+lab: deps
 	$(PYTHON) tests/lab/lab.py up
 
 lab-down:

@@ -1513,7 +1513,7 @@ class SyncRun:
         else:
             result.status = 'synced' if done else 'up-to-date'
             newest = [s for s in dst.snapshots if not s.bookmark][-1]
-            result.detail = ', '.join(done + ['at @' + newest.name])
+            result.detail = ', '.join(done) if done else 'at @' + newest.name
         result.seconds = time.monotonic() - started
 
     def _plan(self, src, dst):

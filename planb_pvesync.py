@@ -13,7 +13,6 @@ import argparse
 import configparser
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -883,9 +882,6 @@ class LocalHost:
     def missing_commands(self, names: Sequence[str]) -> List[str]:
         return [name for name in names if not shutil.which(name)]
 
-    def close(self):
-        pass
-
 
 class SshHost:
     """A host reached with ssh: one master connection for the whole run,
@@ -1527,7 +1523,7 @@ class SyncRun:
             self.dst_host.run(self.dst_host.zfs('rollback', '-r', dst.name + step.snapshot.ref))
             log.warning('%s: rolled back to @%s', dst.name, step.snapshot.name)
             return 'rolled back to @' + step.snapshot.name
-        if isinstance(step, SendStep) and step.base is None and dst is not None:
+        if step_is_full(step) and dst is not None:
             # Only with --destroy-diverged does a full stream meet an existing dataset.
             self.dst_host.run(self.dst_host.zfs('destroy', '-r', dst.name))
             log.warning('%s: destroyed (it shared no snapshot with %s)', dst.name, src.name)

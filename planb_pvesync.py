@@ -471,9 +471,6 @@ class PveGuest:
     def label(self) -> str:
         return self.name or str(self.vmid)
 
-    @property
-    def state(self) -> str:
-        return {'running': 'on', 'stopped': 'off'}.get(self.status, self.status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -861,7 +858,18 @@ def _read_tail(errors, limit=4000) -> str:
     return errors.read()[-limit:].decode(errors='replace').strip()
 
 
-class LocalHost:
+class Host:
+    """Where commands run; subclasses say how (`stages`)."""
+    sudo: List[str]             # set by each subclass
+
+    def zfs(self, *args: str) -> List[str]:
+        return self.sudo + ['zfs', *args]
+
+    def run(self, cmd: Sequence[str]) -> str:
+        return run_pipeline(self.stages([cmd]), capture=True)
+
+
+class LocalHost(Host):
     """This machine. Commands run without a shell."""
     name = 'localhost'
     is_remote = False
@@ -869,21 +877,15 @@ class LocalHost:
     def __init__(self):
         self.sudo = [] if os.geteuid() == 0 else ['sudo', '-n']
 
-    def zfs(self, *args: str) -> List[str]:
-        return self.sudo + ['zfs', *args]
-
     def stages(self, cmds: Sequence[Sequence[str]]) -> List[Stage]:
         """The local process stages that run `cmds` piped into each other."""
         return [Stage(_command_name(cmd), list(cmd)) for cmd in cmds]
-
-    def run(self, cmd: Sequence[str]) -> str:
-        return run_pipeline(self.stages([cmd]), capture=True)
 
     def missing_commands(self, names: Sequence[str]) -> List[str]:
         return [name for name in names if not shutil.which(name)]
 
 
-class SshHost:
+class SshHost(Host):
     """A host reached with ssh: one master connection for the whole run,
     BatchMode so that cron never waits at a prompt."""
     is_remote = True
@@ -894,9 +896,6 @@ class SshHost:
         self.name = settings.argv(address)[-1]
         self.sudo = [] if settings.user == 'root' else ['sudo', '-n']
         self._control_path = os.path.join(control_dir, '%C')
-
-    def zfs(self, *args: str) -> List[str]:
-        return self.sudo + ['zfs', *args]
 
     def ssh_argv(self) -> List[str]:
         user_words = self.settings.argv(self.address)
@@ -912,9 +911,6 @@ class SshHost:
         """One ssh stage that runs `cmds` piped into each other remotely."""
         name = '{}: {}'.format(self.address, ' | '.join(map(_command_name, cmds)))
         return [Stage(name, self.ssh_argv() + ['--', remote_command(cmds)])]
-
-    def run(self, cmd: Sequence[str]) -> str:
-        return run_pipeline(self.stages([cmd]), capture=True)
 
     def missing_commands(self, names: Sequence[str]) -> List[str]:
         script = 'for c in {}; do command -v "$c" >/dev/null || echo "$c"; done'
@@ -1520,7 +1516,7 @@ class SyncRun:
     def _run_step(self, job, src, dst, step, result) -> str:
         """Carry out one step of a plan; returns what it did, for the summary."""
         if isinstance(step, RollbackStep):
-            self.dst_host.run(self.dst_host.zfs('rollback', '-r', dst.name + step.snapshot.ref))
+            self.dst_host.run(self._rollback_cmd(job, step))
             log.warning('%s: rolled back to @%s', dst.name, step.snapshot.name)
             return 'rolled back to @' + step.snapshot.name
         if step_is_full(step) and dst is not None:
@@ -1542,6 +1538,9 @@ class SyncRun:
         output = run_pipeline(stages, capture=True)
         result.sent += received_bytes(output)
         return describe_step(step)
+
+    def _rollback_cmd(self, job, step):
+        return self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
 
     def _transfer_stages(self, job, src, step, estimate):
         props = {} if isinstance(step, ResumeStep) else dict(job.props)
@@ -1573,8 +1572,7 @@ class SyncRun:
         self.out('{}: {}'.format(job.dst, plan.problem or plan.action))
         for step in plan.steps:
             if isinstance(step, RollbackStep):
-                cmd = self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
-                self.out('  ' + shlex.join(cmd))
+                self.out('  ' + shlex.join(self._rollback_cmd(job, step)))
             else:
                 self.out('  ' + pipeline_text(self._transfer_stages(
                     job, src, step, getattr(step, 'estimate', 0))))

@@ -10,9 +10,11 @@ listing and the sync planner, the pipeline, the sync engine, the CLI.
 """
 
 import argparse
+import calendar
 import configparser
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -31,7 +33,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Set, Tuple
 
 import proxmoxer
 import proxmoxer.backends.https
@@ -52,6 +54,9 @@ DEFAULT_API_TIMEOUT = 10
 DEFAULT_SSH_CIPHERS = ('aes128-gcm@openssh.com,aes256-gcm@openssh.com,'
                        'chacha20-poly1305@openssh.com')
 CONFIG_WORKERS = 16
+# The tool's own snapshots kept on the source: the newest, and one to fall
+# back on if the newest is lost on either side.
+DEFAULT_KEEP_SOURCE = 2
 
 
 # ==============================================================================
@@ -157,6 +162,8 @@ class ClusterConfig:
     fingerprint: Optional[str] = None   # SHA-256, 'AB:CD:...' as PVE shows it
     timeout: int = DEFAULT_API_TIMEOUT
     ssh: SshSettings = SshSettings()
+    keep_source: Optional[int] = DEFAULT_KEEP_SOURCE    # None: keep them all
+    keep_destination: Tuple = ()        # KeepRules; (): keep them all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +202,8 @@ class Config:
 
 SSH_KEYS = ('ssh_port', 'ssh_key', 'ssh_cipher', 'ssh_options')
 CLUSTER_KEYS = ('api', 'user', 'password', 'token', 'verify_ssl', 'ca_file',
-                'fingerprint', 'timeout', 'ssh_user') + SSH_KEYS
+                'fingerprint', 'timeout', 'ssh_user') + SSH_KEYS + (
+                    'keep_source', 'keep_destination')
 STORAGE_KEYS = ('ssh',) + SSH_KEYS
 SECRET_KEYS = ('password', 'token')
 FINGERPRINT_RE = re.compile(r'^([0-9A-F]{2}:){31}[0-9A-F]{2}$')
@@ -287,6 +295,7 @@ def _parse_cluster(where, name, items) -> ClusterConfig:
     fields.update(_parse_tls(where, items))
     if 'timeout' in items:
         fields['timeout'] = _parse_int(where, 'timeout', items['timeout'])
+    fields.update(_parse_retention(where, items))
     ssh = _parse_ssh(where, items)
     if 'ssh_user' in items:
         ssh = dataclasses.replace(ssh, user=items['ssh_user'])
@@ -391,6 +400,33 @@ def _parse_storage(where, rest, items) -> StorageConfig:
         raise ConfigError('{}: ssh= must look like USER@HOST'.format(where))
     ssh = dataclasses.replace(_parse_ssh(where, items), user=user or None)
     return StorageConfig(cluster, storage, node or None, host, ssh)
+
+
+def _parse_retention(where, items) -> dict:
+    parsers = dict(keep_source=parse_keep_source, keep_destination=parse_keep_destination)
+    fields = {}
+    for key, parse in parsers.items():
+        if key in items:
+            try:
+                fields[key] = parse(items[key])
+            except ValueError as exc:
+                raise ConfigError('{}: {}: {}'.format(where, key, exc))
+    return fields
+
+
+def parse_keep_source(text: str) -> Optional[int]:
+    """'all' -> None (keep every one), else a count of 1 or more."""
+    if text == 'all':
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError('{!r} is no count; give N (1 or more, {} is the default) '
+                         'or all'.format(text, DEFAULT_KEEP_SOURCE))
+    return int(text)
+
+
+def parse_keep_destination(text: str) -> Tuple:
+    """'all' -> () (keep every one), else a schedule of KeepRules."""
+    return () if text == 'all' else parse_keep_schedule(text)
 
 
 def _parse_int(where, key, value):
@@ -741,24 +777,65 @@ def _parse_guest_entry(item) -> PveGuest:
         tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t))
 
 
-def select_guests(cluster: PveCluster, wanted: Sequence[str]) -> Tuple[PveGuest, ...]:
-    """The guests named by vmid or name; all of them when `wanted` is empty."""
-    if not wanted:
+@dataclasses.dataclass(frozen=True)
+class GuestSelection:
+    """Which guests a command is about: named ones, all, by pool or tag."""
+    names: Tuple[str, ...] = ()     # vmids or names (-g)
+    all: bool = False
+    pools: Tuple[str, ...] = ()
+    tags: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()   # vmids or names
+    templates: bool = False         # also templates picked by --all/--pool/--tag
+
+    @property
+    def empty(self) -> bool:
+        return not (self.names or self.all or self.pools or self.tags)
+
+
+def select_guests(cluster: PveCluster, selection: GuestSelection) -> Tuple[PveGuest, ...]:
+    """The guests `selection` names, in vmid order; every guest when it is
+    empty. Guests named with -g are taken even when they are templates."""
+    if selection.empty:
         return cluster.guests
-    chosen = []
-    for word in wanted:
-        matches = [g for g in cluster.guests
-                   if str(g.vmid) == word or g.name == word]
-        if not matches:
-            raise UsageError('no guest {!r} in cluster {} (or the API user lacks '
-                             'VM.Audit on it)'.format(word, cluster.name))
-        if len(matches) > 1:
-            raise UsageError('guest name {!r} is ambiguous in cluster {}: {}; '
-                             'give the vmid'.format(word, cluster.name, ', '.join(
-                                 '{} on {}'.format(g.vmid, g.node) for g in matches)))
-        if matches[0] not in chosen:
-            chosen.append(matches[0])
-    return tuple(chosen)
+    chosen = {find_guest(cluster, word).vmid for word in selection.names}
+    chosen |= _guests_by_group(cluster, selection)
+    for word in selection.exclude:
+        try:
+            chosen.discard(find_guest(cluster, word).vmid)
+        except UsageError as exc:
+            log.warning('--exclude: %s', exc)
+    return tuple(g for g in cluster.guests if g.vmid in chosen)
+
+
+def _guests_by_group(cluster, selection):
+    """The vmids that --all, --pool and --tag pick."""
+    picked = set()
+    for guest in cluster.guests:
+        if guest.template and not selection.templates:
+            continue
+        if (selection.all or guest.pool in selection.pools
+                or set(guest.tags) & set(selection.tags)):
+            picked.add(guest.vmid)
+    for kind, wanted, has in (('pool', selection.pools, lambda g, w: g.pool == w),
+                              ('tag', selection.tags, lambda g, w: w in g.tags)):
+        for word in wanted:
+            if not any(has(g, word) for g in cluster.guests):
+                raise UsageError('no guest in cluster {} has {} {!r}'.format(
+                    cluster.name, kind, word))
+    return picked
+
+
+def find_guest(cluster: PveCluster, word: str) -> PveGuest:
+    """The one guest with vmid or name `word`."""
+    matches = [g for g in cluster.guests if str(g.vmid) == word or g.name == word]
+    if not matches:
+        raise UsageError('no guest {!r} in cluster {} (or the API user lacks '
+                         'VM.Audit on it)'.format(word, cluster.name))
+    if len(matches) > 1:
+        raise UsageError('guest name {!r} is ambiguous in cluster {}: {}; '
+                         'give the vmid'.format(word, cluster.name, ', '.join(
+                             '{} on {}'.format(g.vmid, g.node) for g in matches)))
+    return matches[0]
 
 
 def read_guest_volumes(api: PveApi, cluster: PveCluster,
@@ -868,6 +945,17 @@ class Host:
     def run(self, cmd: Sequence[str]) -> str:
         return run_pipeline(self.stages([cmd]), capture=True)
 
+    def run_all(self, cmds: Sequence[Sequence[str]]):
+        """Each of `cmds`; here every one runs even when another fails."""
+        failed = []
+        for cmd in cmds:
+            try:
+                self.run(cmd)
+            except CommandError as exc:
+                failed += exc.failed
+        if failed:
+            raise CommandError(failed)
+
 
 class LocalHost(Host):
     """This machine. Commands run without a shell."""
@@ -912,6 +1000,15 @@ class SshHost(Host):
         name = '{}: {}'.format(self.address, ' | '.join(map(_command_name, cmds)))
         return [Stage(name, self.ssh_argv() + ['--', remote_command(cmds)])]
 
+    def run_all(self, cmds: Sequence[Sequence[str]]):
+        """Each of `cmds` in one ssh session; every one runs even when
+        another fails."""
+        script = 'rc=0; {}; exit $rc'.format('; '.join(
+            '{} || rc=1'.format(shlex.join(cmd)) for cmd in cmds))
+        stage = Stage('{}: {} command(s)'.format(self.address, len(cmds)),
+                      self.ssh_argv() + ['--', script])
+        run_pipeline([stage], capture=True)
+
     def missing_commands(self, names: Sequence[str]) -> List[str]:
         script = 'for c in {}; do command -v "$c" >/dev/null || echo "$c"; done'
         words = ' '.join(shlex.quote(name) for name in names)
@@ -950,8 +1047,12 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 # ZFS listing and the sync planner (pure: no I/O, no clock, no logging)
 # ==============================================================================
 
+# Where a backup came from, recorded on it as user properties planb-pvesync:KEY.
+PROPERTY_PREFIX = 'planb-pvesync:'
+RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
-                  'logicalreferenced', 'encryption', 'receive_resume_token')
+                  'logicalreferenced', 'used', 'encryption', 'receive_resume_token',
+                  *(PROPERTY_PREFIX + key for key in RECORDED_KEYS))
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
 TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
@@ -980,6 +1081,8 @@ class Dataset:
     encrypted: bool = False
     resume_token: Optional[str] = None
     snapshots: Tuple[Snapshot, ...] = ()    # oldest first, bookmarks too
+    used: int = 0                   # bytes, with its snapshots
+    recorded: Dict[str, str] = dataclasses.field(default_factory=dict)  # RECORDED_KEYS
 
 
 def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
@@ -1005,8 +1108,11 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
             token = row['receive_resume_token']
             fields[name] = dict(
                 name=name, type=row['type'], written=_int(row['written']),
+                used=_int(row['used']),
                 encrypted=row['encryption'] not in ('off', '-', ''),
-                resume_token=None if token in ('-', '') else token)
+                resume_token=None if token in ('-', '') else token,
+                recorded={key: row[PROPERTY_PREFIX + key] for key in RECORDED_KEYS
+                          if row[PROPERTY_PREFIX + key] not in ('-', '')})
     return {name: Dataset(snapshots=tuple(sorted(
         points.get(name, ()), key=lambda s: (s.createtxg, s.bookmark))), **f)
         for name, f in fields.items()}
@@ -1121,6 +1227,18 @@ def _incremental_steps(points, base, newest, intermediates):
                      estimate=_written_between(snapshots, base, newest))]
 
 
+def newest_common_guid(src: Dataset, dst: Optional[Dataset]) -> Optional[int]:
+    """The guid of the newest snapshot both sides have: the next run's base."""
+    on_dst = {s.guid for s in (dst.snapshots if dst else ()) if not s.bookmark}
+    common = [s.guid for s in src.snapshots if not s.bookmark and s.guid in on_dst]
+    return common[-1] if common else None
+
+
+def snapshot_spec(dataset: str, snapshots: Sequence[Snapshot]) -> str:
+    """DATASET@A,B,C: several snapshots for one zfs destroy."""
+    return '{}@{}'.format(dataset, ','.join(s.name for s in snapshots))
+
+
 def _written_between(snapshots, base, newest):
     return sum(s.written for s in snapshots
                if base.createtxg < s.createtxg <= newest.createtxg)
@@ -1139,6 +1257,136 @@ def _changed_problem(dst, base, newer_on_dst):
 
 
 # ==============================================================================
+# Retention: thinning the backups, pruning the source (pure: no I/O, no clock)
+# ==============================================================================
+
+KEEP_PERIODS = ('all', 'hourly', 'daily', 'weekly', 'monthly', 'yearly')
+AGE_UNITS = {'y': 365 * 86400, 'm': 30 * 86400, 'w': 7 * 86400, 'd': 86400, 'h': 3600}
+KEEP_RULE_PATTERN = re.compile(r'({}):([1-9][0-9]*)([{}])'.format(
+    '|'.join(KEEP_PERIODS), ''.join(AGE_UNITS)))
+KEEP_SCHEDULE_HELP = (
+    'PERIOD:AGE with PERIOD all, hourly, daily, weekly, monthly or yearly and '
+    'AGE like 36h, 14d, 8w, 6m, 2y (e.g. all:2d,daily:2w,weekly:3m,monthly:1y)')
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepRule:
+    """Keep every snapshot (period `all`), or the oldest one of each hour, day,
+    ISO week, month or year (UTC), among those at most `max_age` old."""
+    period: str
+    max_age: int                    # seconds
+
+
+def tool_snapshot_time(name: str, prefix: str) -> Optional[int]:
+    """Seconds since the epoch from a name snapshot_name(prefix, ...) made;
+    None for any other snapshot."""
+    match = re.fullmatch(
+        re.escape(prefix) + r'-([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]{2})Z',
+        name)
+    if not match:
+        return None
+    fields = tuple(int(field) for field in match.groups())
+    try:
+        datetime.datetime(*fields)
+    except ValueError:              # a 13th month, a 25th hour
+        return None
+    return calendar.timegm(fields)
+
+
+def parse_keep_schedule(text: str) -> Tuple[KeepRule, ...]:
+    """'all:2d,daily:2w' -> rules, finest period first."""
+    if not text.strip():
+        raise ValueError('empty keep schedule: give ' + KEEP_SCHEDULE_HELP)
+    rules = {}
+    for part in text.split(','):
+        match = KEEP_RULE_PATTERN.fullmatch(part.strip())
+        if not match:
+            raise ValueError('bad keep rule {!r}: {}'.format(part.strip(), KEEP_SCHEDULE_HELP))
+        period, count, unit = match.groups()
+        if period in rules:
+            raise ValueError('keep rule {!r} repeats period {}: one rule per PERIOD'.format(
+                part.strip(), period))
+        rules[period] = KeepRule(period, int(count) * AGE_UNITS[unit])
+    return tuple(rules[period] for period in KEEP_PERIODS if period in rules)
+
+
+def format_keep_schedule(rules: Sequence[KeepRule]) -> str:
+    return ','.join('{}:{}'.format(rule.period, _format_age(rule.max_age)) for rule in rules)
+
+
+def _format_age(seconds):
+    for unit, size in AGE_UNITS.items():     # largest unit first
+        if seconds % size == 0:
+            return '{}{}'.format(seconds // size, unit)
+    return '{}h'.format(seconds // 3600)
+
+
+def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now: int,
+                   prefix: str, protect: Collection[int] = (),
+                   foreign: bool = False) -> List[Snapshot]:
+    """The backup's snapshots to destroy, oldest first: those no rule keeps.
+
+    Never the newest, a protected one (by guid) or a bookmark; others' snapshots
+    only with `foreign`, going by their `creation`. Because a period rule keeps
+    the oldest snapshot of each bucket, thinning the survivors again at the same
+    `now` destroys nothing."""
+    snaps = [s for s in snapshots if not s.bookmark]
+    if not snaps:
+        return []
+    newest = max(snaps, key=lambda s: s.createtxg)
+    times = {}
+    for snap in snaps:
+        when = tool_snapshot_time(snap.name, prefix)
+        if when is None and foreign:
+            when = snap.creation
+        if when is not None:
+            times[snap] = when
+    kept = _kept_by_rules(times, rules, now)
+    doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect]
+    return sorted(doomed, key=lambda s: s.createtxg)
+
+
+def _kept_by_rules(times: Dict[Snapshot, int], rules, now) -> Set[Snapshot]:
+    kept = {s for s, when in times.items() if when > now}
+    for rule in rules:
+        young = [s for s, when in times.items() if now - when <= rule.max_age]
+        if rule.period == 'all':
+            kept.update(young)
+            continue
+        oldest_per_bucket = {}
+        for snap in sorted(young, key=lambda s: (times[s], s.createtxg)):
+            oldest_per_bucket.setdefault(_bucket(rule.period, times[snap]), snap)
+        kept.update(oldest_per_bucket.values())
+    return kept
+
+
+# Which fields of a UTC struct_time name a period's bucket (weekly: ISO week).
+_BUCKET_FIELDS = {'yearly': 1, 'monthly': 2, 'daily': 3, 'hourly': 4}
+
+
+def _bucket(period, when):
+    utc = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    if period == 'weekly':
+        return utc.isocalendar()[:2]
+    return utc.timetuple()[:_BUCKET_FIELDS[period]]
+
+
+def prune_source(snapshots: Sequence[Snapshot], keep: int, prefix: str,
+                 protect: Collection[int] = ()) -> List[Snapshot]:
+    """The tool's own snapshots to destroy on the source, oldest first: all but
+    the newest `keep`, and never a protected one (by guid)."""
+    if keep < 1:
+        raise ValueError('keep at least 1 snapshot on the source, not {}'.format(keep))
+    own = sorted((s for s in snapshots if _is_own(s, prefix)), key=lambda s: s.createtxg)
+    return [s for s in own[:-keep] if s.guid not in protect]
+
+
+def _is_own(snap, prefix):
+    return (not snap.bookmark and not TRANSIENT_SNAPSHOT.fullmatch(snap.name)
+            and tool_snapshot_time(snap.name, prefix) is not None)
+
+
+# ==============================================================================
 # The transfer pipeline (pure: argv lists in, argv lists out)
 # ==============================================================================
 
@@ -1150,9 +1398,6 @@ COMPRESSORS = {
     'qlzip1': (['qlzip1'], ['qlzcat1']),
     'none': None,
 }
-PROPERTY_PREFIX = 'planb-pvesync:'
-
-
 @dataclasses.dataclass(frozen=True)
 class TransferOptions:
     compress: str = 'zstd'
@@ -1255,6 +1500,11 @@ class SyncOptions:
     dry_run: bool = False
     wait: bool = False
     lock_dir: Optional[str] = None
+    jobs: int = 1                   # transfers at once, in all
+    jobs_per_node: int = 1          # transfers at once from one source host
+    keep_source: Optional[int] = DEFAULT_KEEP_SOURCE    # None: keep them all
+    keep_destination: Tuple = ()    # KeepRules; (): keep them all
+    thin_foreign: bool = False      # thin snapshots the tool did not make too
 
 
 @dataclasses.dataclass
@@ -1264,6 +1514,8 @@ class JobResult:
     detail: str = ''
     sent: int = 0                   # bytes received, as zfs recv counts them
     seconds: float = 0.0
+    started: float = 0.0            # wall clock, seconds since the epoch
+    destroyed: Tuple[str, ...] = ()     # snapshots removed by retention
 
 
 class SyncError(PvesyncError):
@@ -1354,6 +1606,8 @@ class SyncRun:
         self.results = {job.dst: JobResult(job) for job in self.jobs}
         self.src = {}               # (host name, dataset) -> Dataset
         self.dst = {}               # dataset -> Dataset
+        self.source_prunes = {}     # host name -> (host, [(job, [Snapshot])])
+        self._mutex = threading.Lock()  # for self.dst and self.source_prunes
 
     def run(self) -> List[JobResult]:
         locks = self._lock_all()
@@ -1363,8 +1617,8 @@ class SyncRun:
             self._read_destinations(active)
             self._check_programs(self._ready(active))
             self._take_snapshots(self._ready(active))
-            for job in self._ready(active):
-                self._sync_job(job)
+            self._sync_all(self._ready(active))
+            self._prune_sources()
         finally:
             for lock in locks:
                 lock.release()
@@ -1480,11 +1734,27 @@ class SyncRun:
                 if problem:
                     self._fail(job, problem)
 
+    def _sync_all(self, jobs):
+        """Job after job, or with --jobs in lanes side by side: a lane is a
+        share of one source host's jobs, so no host sends more at once than
+        --jobs-per-node allows."""
+        lanes = transfer_lanes(jobs, self.opts.jobs_per_node)
+        if self.opts.dry_run or self.opts.jobs < 2 or len(lanes) < 2:
+            for job in jobs:
+                self._sync_job(job)
+            return
+        with ThreadPoolExecutor(max_workers=self.opts.jobs) as pool:
+            for _ in pool.map(lambda lane: [self._sync_job(j) for j in lane], lanes):
+                pass
+
     def _sync_job(self, job):
         result = self.results[job.dst]
         src = self.src[(job.src_host.name, job.src)]
         dst = self.dst.get(job.dst)
+        before = dst
         started = time.monotonic()
+        result.started = time.time()
+        log.info('%s: starting from %s:%s', job.dst, job.src_host.name, job.src)
         done = []
         try:
             if self.opts.dry_run:
@@ -1501,12 +1771,70 @@ class SyncRun:
             else:
                 raise SyncError('still not in sync after {} steps'.format(MAX_STEPS))
         except PvesyncError as exc:
-            result.status, result.detail = 'failed', str(exc)
+            result.status, result.detail = 'failed', ', '.join(done + [str(exc)])
         else:
             result.status = 'synced' if done else 'up-to-date'
             newest = [s for s in dst.snapshots if not s.bookmark][-1]
-            result.detail = ', '.join(done) if done else 'at @' + newest.name
+            result.detail = ', '.join(done or ['at @' + newest.name])
+            try:
+                result.detail += ''.join(
+                    ', ' + note for note in self._record_origin(job, before, dst))
+                self._apply_retention(job, src, dst, result)
+            except CommandError as exc:     # the backup itself is fine
+                log.warning('%s: after the sync: %s', job.dst, exc)
         result.seconds = time.monotonic() - started
+        log.info('%s: %s', job.dst, result.status)
+
+    def _record_origin(self, job, before, dst) -> List[str]:
+        """Bring the recorded origin up to date (a receive sets it, but an
+        up-to-date volume sees none); says what changed, e.g. a migration."""
+        stale = {key: value for key, value in job.props if dst.recorded.get(key) != value}
+        if stale:
+            self.dst_host.run(self.dst_host.zfs('set', *(
+                '{}{}={}'.format(PROPERTY_PREFIX, k, v) for k, v in sorted(stale.items())),
+                job.dst))
+        old = before.recorded if before else {}
+        return ['{} was {}, now {}'.format(key, old[key], value)
+                for key, value in job.props
+                if key in ('node', 'storage') and old.get(key, value) != value]
+
+    def _retention(self, src, dst, base) -> Tuple[List[Snapshot], List[Snapshot]]:
+        """The snapshots retention lets go: (on the source, on the destination).
+        Neither side loses `base`, the guid of the next run's base."""
+        opts, common = self.opts, {base}
+        on_src = on_dst = []
+        if opts.keep_source:
+            on_src = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
+                                  protect=common)
+        if opts.keep_destination and dst is not None:
+            on_dst = thin_snapshots(dst.snapshots, opts.keep_destination, time.time(),
+                                    opts.snapshot_prefix, protect=common,
+                                    foreign=opts.thin_foreign)
+        return on_src, on_dst
+
+    def _apply_retention(self, job, src, dst, result):
+        """Thin the destination now; queue the source's old snapshots for
+        one destroy per host at the end of the run."""
+        on_src, on_dst = self._retention(src, dst, newest_common_guid(src, dst))
+        if on_dst:
+            self.dst_host.run(self.dst_host.zfs('destroy', snapshot_spec(dst.name, on_dst)))
+            result.destroyed += tuple(dst.name + s.ref for s in on_dst)
+        if on_src:
+            with self._mutex:
+                self.source_prunes.setdefault(job.src_host.name, (job.src_host, []))[
+                    1].append((job, on_src))
+
+    def _prune_sources(self):
+        """The source snapshots retention let go: one command per host."""
+        for host, prunes in self.source_prunes.values():
+            cmds = [host.zfs('destroy', snapshot_spec(job.src, doomed)) for job, doomed in prunes]
+            try:
+                host.run_all(cmds)
+            except CommandError as exc:
+                log.warning('%s: could not remove all old snapshots: %s', host.name, exc)
+            for job, doomed in prunes:
+                self.results[job.dst].destroyed += tuple(
+                    '{}:{}{}'.format(host.name, job.src, s.ref) for s in doomed)
 
     def _plan(self, src, dst):
         return plan_sync(src, dst, intermediates=self.opts.intermediates,
@@ -1561,9 +1889,10 @@ class SyncRun:
 
     def _create_parent(self, dst):
         parent = dst.rpartition('/')[0]
-        if parent not in self.dst:
-            self.dst_host.run(self.dst_host.zfs('create', '-o', 'mountpoint=none', parent))
-            self.dst[parent] = Dataset(parent, 'filesystem')
+        with self._mutex:
+            if parent not in self.dst:
+                self.dst_host.run(self.dst_host.zfs('create', '-o', 'mountpoint=none', parent))
+                self.dst[parent] = Dataset(parent, 'filesystem')
 
     def _show_plan(self, job, src, dst):
         plan = self._plan(src, dst)
@@ -1578,6 +1907,26 @@ class SyncRun:
                     job, src, step, getattr(step, 'estimate', 0))))
         if plan.action == 'resume':
             self.out('  (then plan again from what the resumed stream brings)')
+        if plan.action == 'diverged':
+            return
+        # As if the plan succeeded: the source's newest becomes the base.
+        base = [s for s in syncable_snapshots(src) if not s.bookmark][-1].guid
+        for host, dataset, doomed in zip((job.src_host, self.dst_host), (job.src, job.dst),
+                                         self._retention(src, dst, base)):
+            if doomed:
+                self.out('  then destroy on {}: {}'.format(
+                    host.name, snapshot_spec(dataset, doomed)))
+
+
+def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]]:
+    """`jobs` dealt into lanes of one source host each, `per_node` lanes per
+    host, the first lane of every host first: the lanes run side by side."""
+    by_host = {}
+    for job in jobs:
+        lanes = by_host.setdefault(job.src_host.name, [[] for _ in range(per_node)])
+        lanes[sum(map(len, lanes)) % per_node].append(job)
+    return [lane for rank in range(per_node) for lanes in by_host.values()
+            for lane in lanes[rank:rank + 1] if lane]
 
 
 def step_is_full(step) -> bool:
@@ -1627,6 +1976,148 @@ def format_summary(command: str, results: Sequence[JobResult], seconds: float) -
         command, len(results), counts['synced'], counts['up-to-date'],
         counts['failed'], counts['skipped'],
         format_bytes(sum(r.sent for r in results)), seconds)
+
+
+# ==============================================================================
+# Status: how old each backup is, for people and for monitors
+# ==============================================================================
+
+NAGIOS_EXIT = {'ok': 0, 'warning': 1, 'critical': 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupStatus:
+    """One volume's backup, as status reports it."""
+    vmid: int
+    guest: str
+    dataset: str                    # on the backup host
+    newest: Optional[Snapshot]      # its newest snapshot
+    used: int                       # bytes, with snapshots
+    source_newer: Optional[int]     # bytes the source wrote since; None: unknown
+    state: str                      # ok, warning, critical
+    reasons: Tuple[str, ...] = ()
+
+
+def backup_status(vmid, guest, dataset, dst: Optional[Dataset], src: Optional[Dataset],
+                  now: float, warn_age: Optional[float], max_age: Optional[float],
+                  source_note: str = '') -> BackupStatus:
+    """Judge one backup: critical when missing or older than max_age (seconds),
+    warning when older than warn_age."""
+    snapshots = [s for s in (dst.snapshots if dst else ()) if not s.bookmark]
+    newest = snapshots[-1] if snapshots else None
+    reasons = [source_note] if source_note else []
+    state = 'ok'
+    if newest is None:
+        state = 'critical'
+        reasons.insert(0, 'no backup' if dst is None else 'no snapshot')
+    else:
+        age = now - newest.creation
+        for limit, level in ((max_age, 'critical'), (warn_age, 'warning')):
+            if limit is not None and age > limit:
+                state = level
+                reasons.insert(0, 'older than {}'.format(format_age(limit)))
+                break
+    if dst is not None and dst.resume_token:
+        reasons.append('a partial transfer waits to be resumed')
+    newer = source_newer_bytes(src, newest) if src and newest else None
+    return BackupStatus(vmid, guest, dataset, newest, dst.used if dst else 0,
+                        newer, state, tuple(reasons))
+
+
+def source_newer_bytes(src: Dataset, newest: Snapshot) -> Optional[int]:
+    """What the source wrote after the backup's newest snapshot; None when the
+    source no longer has that snapshot (nor its bookmark)."""
+    base = next((s for s in src.snapshots if s.guid == newest.guid), None)
+    if base is None:
+        return None
+    return src.written + sum(s.written for s in src.snapshots
+                             if not s.bookmark and s.createtxg > base.createtxg)
+
+
+def format_age(seconds: float) -> str:
+    if seconds < 90:
+        return '{:.0f} s'.format(seconds)
+    if seconds < 5400:
+        return '{:.0f} min'.format(seconds / 60)
+    if seconds < 3 * 86400:
+        return '{:.1f} h'.format(seconds / 3600)
+    return '{:.1f} d'.format(seconds / 86400)
+
+
+def overall_state(rows: Sequence[BackupStatus]) -> str:
+    return max((r.state for r in rows), key=NAGIOS_EXIT.get, default='ok')
+
+
+def format_status(rows: Sequence[BackupStatus], now: float) -> List[str]:
+    """A summary line first (what Nagios shows), then one line per volume."""
+    counts = {state: sum(r.state == state for r in rows) for state in NAGIOS_EXIT}
+    lines = ['{}: {} volume(s): {} ok, {} warning, {} critical'.format(
+        overall_state(rows).upper(), len(rows), counts['ok'], counts['warning'],
+        counts['critical'])]
+    table = [('VMID', 'GUEST', 'VOLUME', 'NEWEST', 'AGE', 'USED', 'SOURCE NEWER', 'STATE')]
+    for row in rows:
+        table.append((
+            str(row.vmid), row.guest, row.dataset.rsplit('/', 1)[-1],
+            row.newest.name if row.newest else '-',
+            format_age(now - row.newest.creation) if row.newest else '-',
+            format_bytes(row.used) if row.newest else '-',
+            '?' if row.source_newer is None else format_bytes(row.source_newer),
+            ': '.join([row.state] + ['; '.join(row.reasons)] if row.reasons else [row.state])))
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
+    lines += ['  '.join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+              for cells in table]
+    return lines
+
+
+def status_row(row: BackupStatus) -> dict:
+    return dict(vmid=row.vmid, guest=row.guest, dataset=row.dataset,
+                newest=row.newest.name if row.newest else None,
+                created=iso_time(row.newest.creation) if row.newest else None,
+                used=row.used, source_newer=row.source_newer, state=row.state,
+                reasons=list(row.reasons))
+
+
+PROMETHEUS_METRICS = (
+    ('planb_pvesync_backup_timestamp_seconds', 'When the newest snapshot of the backup was made.',
+     lambda row: row.newest.creation if row.newest else None),
+    ('planb_pvesync_backup_used_bytes', 'Space the backup takes on the backup host, snapshots included.',
+     lambda row: row.used),
+    ('planb_pvesync_source_newer_bytes', 'Bytes the source wrote after the newest snapshot of the backup.',
+     lambda row: row.source_newer),
+    ('planb_pvesync_backup_state', 'The state of the backup: 0 ok, 1 warning, 2 critical.',
+     lambda row: NAGIOS_EXIT[row.state]),
+)
+
+
+def prometheus_text(cluster: str, rows: Sequence[BackupStatus], now: float) -> str:
+    """The figures of `status` in the Prometheus text format, for the node
+    exporter's textfile collector."""
+    lines = []
+    for name, help_text, value in PROMETHEUS_METRICS:
+        lines += ['# HELP {} {}'.format(name, help_text), '# TYPE {} gauge'.format(name)]
+        for row in rows:
+            if value(row) is not None:
+                labels = dict(cluster=cluster, vmid=row.vmid, guest=row.guest,
+                              dataset=row.dataset)
+                lines.append('{}{{{}}} {}'.format(name, ','.join(
+                    '{}="{}"'.format(k, _prometheus_escape(v)) for k, v in labels.items()),
+                    value(row)))
+    lines += ['# HELP planb_pvesync_status_timestamp_seconds When these figures were taken.',
+              '# TYPE planb_pvesync_status_timestamp_seconds gauge',
+              'planb_pvesync_status_timestamp_seconds {}'.format(int(now))]
+    return '\n'.join(lines) + '\n'
+
+
+def _prometheus_escape(value) -> str:
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def write_atomically(path: str, text: str):
+    """Readers (the textfile collector) see the old file or the new, never half."""
+    tmp = '{}.{}.tmp'.format(path, os.getpid())
+    with open(tmp, 'w', encoding='utf-8') as fp:
+        fp.write(text)
+    os.replace(tmp, path)
 
 
 # ==============================================================================
@@ -1762,6 +2253,39 @@ class Session:
         api = PveApi(cluster_cfg)
         return api, read_cluster(api, cluster_cfg.name)
 
+    def selection(self) -> GuestSelection:
+        args = self.args
+        return GuestSelection(
+            names=tuple(args.pve_guest), all=getattr(args, 'all', False),
+            pools=tuple(getattr(args, 'pool', ())), tags=tuple(getattr(args, 'tag', ())),
+            exclude=tuple(getattr(args, 'exclude', ())),
+            templates=getattr(args, 'include_templates', False))
+
+    def zfs_root(self) -> str:
+        root = self.args.sync_zfs_root
+        if not root:
+            raise UsageError('{} needs --sync-zfs-root DEST (for example '
+                             'tank/enc)'.format(self.args.command))
+        if re.search(r'[@#:\s]', root) or root.startswith('/'):
+            raise UsageError('--sync-zfs-root takes a dataset, like tank/enc, '
+                             'not {!r}'.format(root))
+        return root.rstrip('/')
+
+    def retention(self) -> Tuple[Optional[int], Tuple]:
+        """(keep_source, keep_destination): the options, else the config's
+        for sync-pve-guest, else the defaults."""
+        args = self.args
+        config = (self.cluster_config() if args.command == 'sync-pve-guest'
+                  else ClusterConfig(name='', host=''))
+        return (getattr(args, 'keep_source', config.keep_source),
+                getattr(args, 'keep_destination', config.keep_destination))
+
+    def volume_host(self, cluster: PveCluster, guest: PveGuest, volume: PveVolume):
+        """The ssh host that reaches `volume` where `guest` is now."""
+        address, settings = storage_target(
+            self.config, self.cluster_config(), cluster, volume.storage, guest.node)
+        return self.ssh_host(address, settings)
+
     def ssh_host(self, address: str, settings: SshSettings) -> SshHost:
         key = (address, settings)
         if key not in self._hosts:
@@ -1797,7 +2321,7 @@ def cmd_list_pve_filestores(session: Session) -> int:
 
 def cmd_list_pve_guests(session: Session) -> int:
     api, cluster = session.connect()
-    guests = read_guest_volumes(api, cluster, select_guests(cluster, session.args.pve_guest))
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, session.selection()))
     log.info('discovery: %d API calls', api.calls)
     rows = guest_rows(session.config, session.cluster_config(), cluster, guests)
     _print_listing(session.args, rows, format_guests)
@@ -1806,31 +2330,39 @@ def cmd_list_pve_guests(session: Session) -> int:
 
 def cmd_sync_pve_guest(session: Session) -> int:
     args = session.args
-    if not args.pve_guest:
-        raise UsageError('sync-pve-guest needs the guests to sync: -g VMID|NAME')
-    if not args.sync_zfs_root:
-        raise UsageError('sync-pve-guest needs --sync-zfs-root DEST (for example tank/enc)')
+    selection = session.selection()
+    if selection.empty:
+        raise UsageError('sync-pve-guest needs the guests to sync: -g VMID|NAME, '
+                         '--all, --pool POOL or --tag TAG')
+    root = session.zfs_root()
     api, cluster = session.connect()
-    guests = read_guest_volumes(api, cluster, select_guests(cluster, args.pve_guest))
-    log.info('discovery: %d API calls', api.calls)
-    cluster_cfg = session.cluster_config()
-    jobs, unknown = [], []
-    for guest in guests:
-        if guest.volumes is None:
-            unknown.append('{} ({}): volumes unknown: {}'.format(
-                guest.vmid, guest.label, guest.note))
-            continue
-        for volume in guest.volumes:
-            if volume.skip is None:
-                address, settings = storage_target(
-                    session.config, cluster_cfg, cluster, volume.storage, guest.node)
-                jobs.append(guest_job(args.sync_zfs_root, cluster.name, guest, volume,
-                                      session.ssh_host(address, settings)))
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, selection))
+    log.info('discovery: %d API calls for %d guest(s)', api.calls, len(guests))
+    unknown = ['{} ({}): volumes unknown: {}'.format(g.vmid, g.label, g.note)
+               for g in guests if g.volumes is None]
     for problem in unknown:
         log.error('%s', problem)
+    rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
+    jobs = [guest_job(root, cluster.name, guest, volume,
+                      session.volume_host(cluster, guest, volume))
+            for guest in guests for volume in guest.volumes or ()
+            if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
     status = run_jobs(session, jobs, freeze)
     return EXIT_FAILED if unknown else status
+
+
+def rename_guest_backups(here, root, cluster, guests, dry_run):
+    """Follow guests renamed in PVE: their backups move to the new name."""
+    found = list_datasets(here, [root], depth=2)
+    for old, new, guest in guest_renames(found, root, cluster, guests):
+        if dry_run:
+            print('would rename {} to {} (guest {} is called {} now)'.format(
+                old, new, guest.vmid, guest.label))
+            continue
+        here.run(here.zfs('rename', old, new))
+        log.warning('renamed %s to %s: guest %s is called %s now',
+                    old, new, guest.vmid, guest.label)
 
 
 def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
@@ -1841,6 +2373,87 @@ def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
              ('volume', volume.volume), ('vmid', str(guest.vmid)))
     return SyncJob(src_host=host, src=volume.dataset, dst=dst,
                    group=str(guest.vmid), props=props)
+
+
+def guest_renames(found: Dict[str, Dataset], root: str, cluster: str,
+                  guests: Sequence[PveGuest]) -> List[Tuple[str, str, PveGuest]]:
+    """(old, new, guest) for each guest whose backups are under another name:
+    ROOT/OLD holds only volumes recorded with the guest's vmid, and ROOT/NEW
+    does not exist yet."""
+    owners = {}     # ROOT/GUEST -> {(cluster, vmid)} of the volumes in it
+    for dataset in found.values():
+        parent = dataset.name.rpartition('/')[0]
+        if parent.rpartition('/')[0] == root:
+            owners.setdefault(parent, set()).add(
+                (dataset.recorded.get('cluster'), dataset.recorded.get('vmid')))
+    renames = []
+    for guest in guests:
+        new = '{}/{}'.format(root, guest.label)
+        old = [p for p, who in owners.items() if who == {(cluster, str(guest.vmid))}]
+        if new not in found and new not in owners and len(old) == 1:
+            renames.append((old[0], new, guest))
+    return renames
+
+
+def cmd_status(session: Session) -> int:
+    """The newest backup of each selected guest's volumes, judged by age."""
+    args = session.args
+    selection = session.selection()
+    if selection.empty:
+        selection = dataclasses.replace(selection, all=True)
+    root = session.zfs_root()
+    api, cluster = session.connect()
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, selection))
+    found = list_datasets(LocalHost(), [root], depth=3)
+    jobs, notes = [], {}
+    for guest in guests:
+        if guest.volumes is None:   # its node is offline: what the backup holds
+            origin = {'cluster': cluster.name, 'vmid': str(guest.vmid)}
+            for dataset in found.values():
+                if origin.items() <= dataset.recorded.items():
+                    jobs.append(SyncJob(None, '', dataset.name, group=str(guest.vmid)))
+                    notes[dataset.name] = 'source unknown: ' + guest.note
+        jobs += [guest_job(root, cluster.name, guest, volume,
+                           session.volume_host(cluster, guest, volume))
+                 for volume in guest.volumes or () if volume.skip is None]
+    sources = read_sources(jobs, notes)
+    labels = {str(g.vmid): g.label for g in guests}
+    now = time.time()
+    rows = [backup_status(int(job.group), labels[job.group], job.dst, found.get(job.dst),
+                          sources.get(job.dst), now, _seconds(args.warn_age),
+                          _seconds(args.max_age), notes.get(job.dst, ''))
+            for job in jobs]
+    if args.prometheus_file:
+        write_atomically(args.prometheus_file, prometheus_text(cluster.name, rows, now))
+    if args.json:
+        print(json.dumps([status_row(r) for r in rows], indent=2, sort_keys=True))
+    else:
+        print('\n'.join(format_status(rows, now)[:1 if args.quiet else None]))
+    if args.max_age is None and args.warn_age is None:
+        return EXIT_OK
+    return NAGIOS_EXIT[overall_state(rows)]
+
+
+def _seconds(hours: Optional[float]) -> Optional[float]:
+    return None if hours is None else hours * 3600
+
+
+def read_sources(jobs: Sequence[SyncJob], notes: Dict[str, str]) -> Dict[str, Dataset]:
+    """The jobs' sources by destination, one zfs list per source host; a host
+    that cannot be listed leaves a note for each of its jobs."""
+    by_host = {}
+    for job in jobs:
+        if job.src_host is not None:
+            by_host.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
+    sources = {}
+    for host, host_jobs in by_host.values():
+        try:
+            listed = list_datasets(host, sorted({j.src for j in host_jobs}))
+        except CommandError as exc:
+            notes.update((j.dst, 'source unknown: {}'.format(exc)) for j in host_jobs)
+            continue
+        sources.update((j.dst, listed[j.src]) for j in host_jobs if j.src in listed)
+    return sources
 
 
 def guest_freezer(api: PveApi, guests: Sequence[PveGuest]):
@@ -1885,6 +2498,7 @@ def cmd_sync_filesystem(session: Session) -> int:
 def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
     args = session.args
     started = time.monotonic()
+    keep_source, keep_destination = session.retention()
     opts = SyncOptions(
         transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
                                  progress=args.progress, bwlimit=args.bwlimit),
@@ -1892,17 +2506,39 @@ def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
         snapshot_reuse_age=args.snapshot_reuse_age,
         intermediates=not args.no_intermediates, rollback=args.rollback,
         destroy_diverged=args.destroy_diverged, dry_run=args.dry_run,
-        wait=args.wait, lock_dir=args.lock_dir)
+        wait=args.wait, lock_dir=args.lock_dir, jobs=args.jobs,
+        jobs_per_node=args.jobs_per_node, keep_source=keep_source,
+        keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
     results = SyncRun(jobs, LocalHost(), opts, freeze=freeze).run()
     for result in results:
         if result.status == 'failed':
             log.error('%s', format_result(result))
         elif result.status == 'skipped':
             log.warning('%s', format_result(result))
-        elif not args.quiet and not args.dry_run:
+        elif not args.quiet and not args.dry_run and not args.json:
             print(format_result(result))
-    print(format_summary(args.command, results, time.monotonic() - started))
+            for name in result.destroyed:
+                print('  destroyed ' + name)
+    if args.json:
+        print(json.dumps([result_row(r) for r in results], indent=2, sort_keys=True))
+    else:
+        print(format_summary(args.command, results, time.monotonic() - started))
     return EXIT_FAILED if any(r.status == 'failed' for r in results) else EXIT_OK
+
+
+def result_row(result: JobResult) -> dict:
+    job = result.job
+    return dict(dataset=job.dst, source_host=job.src_host.name, source=job.src,
+                status=result.status, detail=result.detail, bytes=result.sent,
+                started=iso_time(result.started) if result.started else None,
+                finished=iso_time(result.started + result.seconds) if result.started else None,
+                seconds=round(result.seconds, 3), destroyed=list(result.destroyed))
+
+
+def iso_time(epoch: float) -> str:
+    """UTC, to the millisecond: 2026-11-26T03:00:00.123Z."""
+    return '{}.{:03d}Z'.format(time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(epoch)),
+                               int(epoch * 1000) % 1000)
 
 
 def _add_common_options(parser, suppress):
@@ -1960,6 +2596,69 @@ def _add_sync_options(parser):
     parser.add_argument('--lock-dir', metavar='DIR',
                         help='where the per-dataset locks live (default: '
                              '/run/lock/planb-pvesync)')
+    parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
+                        help='transfers at once, in all (default: %(default)s)')
+    parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
+                        help='transfers at once from one source node (default: '
+                             '%(default)s: its disks and link are the limit)')
+    parser.add_argument('--keep-source', metavar='N|all', default=argparse.SUPPRESS,
+                        type=_option_type(parse_keep_source),
+                        help="keep the newest N of this tool's snapshots on the "
+                             'source, and always the newest one the backup has '
+                             '(default: keep_source= in the config, else {})'.format(
+                                 DEFAULT_KEEP_SOURCE))
+    parser.add_argument('--keep-destination', metavar='SCHEDULE|all',
+                        default=argparse.SUPPRESS, type=_option_type(parse_keep_destination),
+                        help="thin this tool's snapshots on the backup host, e.g. "
+                             'all:2d,daily:2w,weekly:3m,monthly:1y (default: '
+                             'keep_destination= in the config, else all)')
+    parser.add_argument('--thin-foreign-snapshots', action='store_true',
+                        help='let --keep-destination also destroy snapshots this '
+                             'tool did not make')
+    parser.add_argument('--json', action='store_true',
+                        help='print the results as JSON instead of lines')
+
+
+def _add_status_options(parser):
+    parser.add_argument('--max-age', type=float, metavar='HOURS',
+                        help='critical (exit 2) when a backup is older than this '
+                             'or missing; the exit status follows Nagios')
+    parser.add_argument('--warn-age', type=float, metavar='HOURS',
+                        help='warning (exit 1) when a backup is older than this')
+    parser.add_argument('--prometheus-file', metavar='PATH',
+                        help='also write the figures for the node exporter\'s '
+                             'textfile collector, e.g. /var/lib/prometheus/'
+                             'node-exporter/planb-pvesync.prom')
+
+
+def _add_selection_options(parser):
+    parser.add_argument('--all', action='store_true',
+                        help='every guest of the cluster (templates only with '
+                             '--include-templates)')
+    parser.add_argument('--pool', action='append', default=[], metavar='POOL',
+                        help='the guests in PVE pool POOL; repeatable')
+    parser.add_argument('--tag', action='append', default=[], metavar='TAG',
+                        help='the guests with PVE tag TAG; repeatable')
+    parser.add_argument('--exclude', action='append', default=[], metavar='VMID|NAME',
+                        help='leave this guest out; repeatable')
+    parser.add_argument('--include-templates', action='store_true',
+                        help='let --all, --pool and --tag pick templates too')
+
+
+def _option_type(parse):
+    """An argparse type from a parser that raises ValueError with a message."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+    return convert
+
+
+def _positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError('{!r} is not a whole number of 1 or more'.format(text))
+    return int(text)
 
 
 COMMANDS = {
@@ -1968,24 +2667,37 @@ COMMANDS = {
     'list-pve-filestores': (cmd_list_pve_filestores, 'list the storages per node'),
     'sync-pve-guest': (cmd_sync_pve_guest, "back up the guests' ZFS volumes"),
     'sync-filesystem': (cmd_sync_filesystem, 'back up one dataset, without PVE'),
+    'status': (cmd_status, 'how old the newest backup of each volume is'),
 }
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, '{0}: error: {1} (see {0} --help)\n'.format(self.prog, message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog='planb-pvesync',
         description='Back up the ZFS volumes of Proxmox VE guests to this host.')
     parser.add_argument('--version', action='version',
                         version='%(prog)s ' + __version__)
     _add_common_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest='command', required=True, title='commands')
+    commands = parser.add_subparsers(dest='command', title='commands')
     for name, (func, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary)
+        sub = commands.add_parser(name, help=summary, description=summary,
+                                  aliases=['list-backups'] if name == 'status' else [])
         _add_common_options(sub, suppress=True)
-        if name.startswith('list-'):
+        if name.startswith('list-') or name == 'status':
             sub.add_argument('--json', action='store_true', help='print JSON')
+        if name in ('list-pve-guests', 'sync-pve-guest', 'status'):
+            _add_selection_options(sub)
         if name.startswith('sync-'):
             _add_sync_options(sub)
+        if name == 'status':
+            _add_status_options(sub)
         if name == 'sync-pve-guest':
             sub.add_argument('--fsfreeze', action='store_true',
                              help='freeze the guest filesystems through the QEMU '
@@ -2017,7 +2729,11 @@ def setup_logging(verbose: int, quiet: bool):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        parser.error('give a command')
     setup_logging(args.verbose, args.quiet)
     session = Session(args)
     try:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.cluster import setup_demo_cluster
 from lab.lab import Lab
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +38,10 @@ def lab(tmp_path_factory):
         yield vms
     finally:
         vms.stop()
+
+
+@pytest.fixture(scope='session')
+def demo(lab):
+    """The lab with the demo cluster of tests/lab/cluster.py on it, set up once."""
+    setup_demo_cluster(lab)
+    return lab

@@ -200,7 +200,7 @@ def test_origin_usage_and_errors(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert 'usage: planb-pvesync' in err and '{list-pve-hosts,' in err
-    assert 'the following arguments are required: command' in err
+    assert err.endswith('planb-pvesync: error: give a command (see planb-pvesync --help)\n')
     with pytest.raises(SystemExit) as exc:
         planb_pvesync.main(['--version'])
     assert exc.value.code == 0 and planb_pvesync.__version__ in capsys.readouterr().out
@@ -221,3 +221,19 @@ def test_config_errors_exit_2_with_one_line(capsys, tmp_path):
 def test_sync_needs_guest_and_root(capsys, rc, pve):
     code, _, err = run(capsys, '-f', rc(pinned(pve)), 'sync-pve-guest', '-g', '106')
     assert code == 2 and '--sync-zfs-root' in err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['sync-pve-guest', '--sync-zfs-root', 'tank/b'],
+     'sync-pve-guest needs the guests to sync: -g VMID|NAME, --all, --pool POOL or --tag TAG'),
+    (['sync-pve-guest', '--all', '--keep-source', '0'],
+     "argument --keep-source: '0' is no count"),
+    (['sync-pve-guest', '--all', '-j', '0'], "argument -j/--jobs: '0' is not a whole number"),
+    (['status', '--sync-zfs-root', 'tank/b@x'], "--sync-zfs-root takes a dataset"),
+])
+def test_fleet_usage_errors_are_one_line(capsys, rc, pve, args, message):
+    try:
+        code, _, err = run(capsys, '-f', rc(pinned(pve)), *args)
+    except SystemExit as exc:       # argparse's own
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and message in err and err.count('\n') == 1

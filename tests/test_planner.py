@@ -124,17 +124,26 @@ def test_nothing_to_send():
 
 
 def test_parse_zfs_list():
-    text = ('rpool/data/vm-1-disk-0\tvolume\t1\t5\t1700000000\t4096\t8388608\toff\t-\n'
-            'rpool/data/vm-1-disk-0@my snap:1\tsnapshot\t11\t6\t1700000001\t512\t8388608\t-\t-\n'
-            'rpool/data/vm-1-disk-0#my snap:1\tbookmark\t11\t6\t1700000001\t-\t-\t-\t-\n'
-            'tank/enc/x\tfilesystem\t2\t9\t1700000000\t0\t0\taes-256-gcm\t1-ab-cd-ef\n')
+    def row(*fields, recorded=('-',) * 6):
+        return '\t'.join(fields + recorded) + '\n'
+    text = (row('rpool/data/vm-1-disk-0', 'volume', '1', '5', '1700000000', '4096',
+                '8388608', '9000000', 'off', '-')
+            + row('rpool/data/vm-1-disk-0@my snap:1', 'snapshot', '11', '6', '1700000001',
+                  '512', '8388608', '512', '-', '-')
+            + row('rpool/data/vm-1-disk-0#my snap:1', 'bookmark', '11', '6', '1700000001',
+                  '-', '-', '-', '-', '-')
+            + row('tank/enc/x', 'filesystem', '2', '9', '1700000000', '0', '0', '0',
+                  'aes-256-gcm', '1-ab-cd-ef', recorded=('demo', 'pve1', '-', '-', '106', '-')))
     found = parse_zfs_list(text)
     vol = found['rpool/data/vm-1-disk-0']
-    assert (vol.type, vol.written, vol.encrypted, vol.resume_token) == ('volume', 4096, False, None)
+    assert (vol.type, vol.written, vol.used, vol.encrypted, vol.resume_token) == (
+        'volume', 4096, 9000000, False, None)
     assert [(s.name, s.guid, s.bookmark, s.ref) for s in vol.snapshots] == [
         ('my snap:1', 11, False, '@my snap:1'), ('my snap:1', 11, True, '#my snap:1')]
+    assert vol.recorded == {}
     fs = found['tank/enc/x']
     assert fs.encrypted and fs.resume_token == '1-ab-cd-ef' and fs.snapshots == ()
+    assert fs.recorded == {'cluster': 'demo', 'node': 'pve1', 'vmid': '106'}
 
 
 # A property test: whatever the source's history and whichever prefix of it

@@ -61,8 +61,10 @@ def test_full_then_incremental_then_nothing_new(lab):
     time.sleep(1)
     third = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
     assert 'incremental @planb-' in third.stdout     # a fresh snapshot, nothing new in it
-    assert snapshots(lab.backup, dst) == snapshots(lab.pve1, src)
-    assert len(snapshots(lab.backup, dst)) == 3
+    on_backup = snapshots(lab.backup, dst)
+    assert len(on_backup) == 3
+    assert snapshots(lab.pve1, src) == on_backup[1:]    # the source keeps 2 by default
+    assert 'destroyed planb@pve1:{}@{}'.format(src, on_backup[0]) in third.stdout
 
 
 def test_intermediate_and_foreign_snapshots_with_hostile_names(lab):

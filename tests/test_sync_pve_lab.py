@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.cluster import double_requests, setup_demo_cluster, tool
+from lab.cluster import double_requests, tool
 
 pytestmark = pytest.mark.lab
 
@@ -16,10 +16,9 @@ ROOT = 'tank/enc/pve'
 
 
 @pytest.fixture(scope='module')
-def cluster(lab):
-    setup_demo_cluster(lab)
-    lab.backup.zfs('create -o mountpoint=none ' + ROOT)
-    return lab
+def cluster(demo):
+    demo.backup.zfs('create -o mountpoint=none ' + ROOT)
+    return demo
 
 
 def datasets(host, parent):

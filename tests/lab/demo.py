@@ -65,6 +65,14 @@ def main():
          user='root')
     show(backup, 'zfs get -o property,value planb-pvesync:node,planb-pvesync:vmid,'
          'planb-pvesync:volume tank/enc/acme-wp/local-zfs--vm-106-disk-0')
+    step('The whole cluster, as cron runs it: every guest but templates (120 is on the '
+         'offline pve3), the two nodes side by side, only the summary')
+    show(backup, 'planb-pvesync -q sync-pve-guest --all --exclude 120 -j 2 '
+         '--sync-zfs-root tank/enc')
+
+    step('How old is each backup? With --max-age it is a Nagios check (exit 0, 1 or 2)')
+    show(backup, 'planb-pvesync status --all --exclude 120 --sync-zfs-root tank/enc '
+         '--max-age 26')
     step('Done; stopping the lab.')
 
 

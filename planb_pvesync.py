@@ -1381,6 +1381,22 @@ def prune_source(snapshots: Sequence[Snapshot], keep: int, prefix: str,
     return [s for s in own[:-keep] if s.guid not in protect]
 
 
+def bookmark_changes(src: Dataset, base: Optional[int],
+                     prefix: str) -> Tuple[Optional[Snapshot], List[Snapshot]]:
+    """(the snapshot `base` to bookmark, or None when it has a bookmark
+    already; the tool's other bookmarks, to destroy). Nothing without a base."""
+    if base is None:
+        return None, []
+    marks = [s for s in src.snapshots if s.bookmark]
+    snapshot = next((s for s in src.snapshots if not s.bookmark and s.guid == base), None)
+    if any(m.guid == base for m in marks):
+        snapshot = None
+    elif snapshot is None:      # neither: keep every bookmark, one may be the base
+        return None, []
+    old = [m for m in marks if m.guid != base and tool_snapshot_time(m.name, prefix) is not None]
+    return snapshot, old
+
+
 def _is_own(snap, prefix):
     return (not snap.bookmark and not TRANSIENT_SNAPSHOT.fullmatch(snap.name)
             and tool_snapshot_time(snap.name, prefix) is not None)
@@ -1606,8 +1622,8 @@ class SyncRun:
         self.results = {job.dst: JobResult(job) for job in self.jobs}
         self.src = {}               # (host name, dataset) -> Dataset
         self.dst = {}               # dataset -> Dataset
-        self.source_prunes = {}     # host name -> (host, [(job, [Snapshot])])
-        self._mutex = threading.Lock()  # for self.dst and self.source_prunes
+        self.source_upkeep = {}     # host name -> (host, [(job, commands, [Snapshot])])
+        self._mutex = threading.Lock()  # for self.dst and self.source_upkeep
 
     def run(self) -> List[JobResult]:
         locks = self._lock_all()
@@ -1618,7 +1634,7 @@ class SyncRun:
             self._check_programs(self._ready(active))
             self._take_snapshots(self._ready(active))
             self._sync_all(self._ready(active))
-            self._prune_sources()
+            self._upkeep_sources()
         finally:
             for lock in locks:
                 lock.release()
@@ -1798,41 +1814,57 @@ class SyncRun:
                 for key, value in job.props
                 if key in ('node', 'storage') and old.get(key, value) != value]
 
-    def _retention(self, src, dst, base) -> Tuple[List[Snapshot], List[Snapshot]]:
-        """The snapshots retention lets go: (on the source, on the destination).
-        Neither side loses `base`, the guid of the next run's base."""
-        opts, common = self.opts, {base}
-        on_src = on_dst = []
+    def _source_upkeep(self, job, src, base) -> Tuple[List[List[str]], List[Snapshot]]:
+        """The commands the source needs after a sync, and the snapshots they
+        destroy: a bookmark of `base` (the guid of the next run's base), so
+        that the chain survives its snapshot; the older bookmarks and the
+        snapshots retention lets go."""
+        host, opts = job.src_host, self.opts
+        mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix)
+        doomed = []
         if opts.keep_source:
-            on_src = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
-                                  protect=common)
-        if opts.keep_destination and dst is not None:
-            on_dst = thin_snapshots(dst.snapshots, opts.keep_destination, time.time(),
-                                    opts.snapshot_prefix, protect=common,
-                                    foreign=opts.thin_foreign)
-        return on_src, on_dst
+            doomed = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
+                                  protect={base})
+        cmds = []
+        if mark:
+            cmds.append(host.zfs('bookmark', job.src + mark.ref,
+                                 '{}#{}'.format(job.src, mark.name)))
+        if doomed:
+            cmds.append(host.zfs('destroy', snapshot_spec(job.src, doomed)))
+        cmds += [host.zfs('destroy', job.src + old.ref) for old in old_marks]
+        return cmds, doomed
+
+    def _thinned(self, dst, base) -> List[Snapshot]:
+        """The destination's snapshots its keep schedule lets go."""
+        if not self.opts.keep_destination or dst is None:
+            return []
+        return thin_snapshots(dst.snapshots, self.opts.keep_destination, time.time(),
+                              self.opts.snapshot_prefix, protect={base},
+                              foreign=self.opts.thin_foreign)
 
     def _apply_retention(self, job, src, dst, result):
-        """Thin the destination now; queue the source's old snapshots for
-        one destroy per host at the end of the run."""
-        on_src, on_dst = self._retention(src, dst, newest_common_guid(src, dst))
-        if on_dst:
-            self.dst_host.run(self.dst_host.zfs('destroy', snapshot_spec(dst.name, on_dst)))
-            result.destroyed += tuple(dst.name + s.ref for s in on_dst)
-        if on_src:
+        """Thin the destination now; queue the source's commands for one ssh
+        per host at the end of the run."""
+        base = newest_common_guid(src, dst)
+        thinned = self._thinned(dst, base)
+        if thinned:
+            self.dst_host.run(self.dst_host.zfs('destroy', snapshot_spec(dst.name, thinned)))
+            result.destroyed += tuple(dst.name + s.ref for s in thinned)
+        cmds, doomed = self._source_upkeep(job, src, base)
+        if cmds:
             with self._mutex:
-                self.source_prunes.setdefault(job.src_host.name, (job.src_host, []))[
-                    1].append((job, on_src))
+                self.source_upkeep.setdefault(job.src_host.name, (job.src_host, []))[
+                    1].append((job, cmds, doomed))
 
-    def _prune_sources(self):
-        """The source snapshots retention let go: one command per host."""
-        for host, prunes in self.source_prunes.values():
-            cmds = [host.zfs('destroy', snapshot_spec(job.src, doomed)) for job, doomed in prunes]
+    def _upkeep_sources(self):
+        """Bookmarks and retention on the sources: one ssh per host."""
+        for host, upkeep in self.source_upkeep.values():
             try:
-                host.run_all(cmds)
+                host.run_all([cmd for _, cmds, _ in upkeep for cmd in cmds])
             except CommandError as exc:
-                log.warning('%s: could not remove all old snapshots: %s', host.name, exc)
-            for job, doomed in prunes:
+                log.warning('%s: could not bookmark or remove all old snapshots: %s',
+                            host.name, exc)
+            for job, _, doomed in upkeep:
                 self.results[job.dst].destroyed += tuple(
                     '{}:{}{}'.format(host.name, job.src, s.ref) for s in doomed)
 
@@ -1911,11 +1943,12 @@ class SyncRun:
             return
         # As if the plan succeeded: the source's newest becomes the base.
         base = [s for s in syncable_snapshots(src) if not s.bookmark][-1].guid
-        for host, dataset, doomed in zip((job.src_host, self.dst_host), (job.src, job.dst),
-                                         self._retention(src, dst, base)):
-            if doomed:
-                self.out('  then destroy on {}: {}'.format(
-                    host.name, snapshot_spec(dataset, doomed)))
+        for cmd in self._source_upkeep(job, src, base)[0]:
+            self.out('  then on {}: {}'.format(job.src_host.name, shlex.join(cmd)))
+        thinned = self._thinned(dst, base)
+        if thinned:
+            self.out('  then here: ' + shlex.join(
+                self.dst_host.zfs('destroy', snapshot_spec(job.dst, thinned))))
 
 
 def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]]:

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from planb_pvesync import (
     ConfigError, Dataset, GuestSelection, KeepRule, PveCluster, PveGuest, Snapshot,
-    SyncJob, UsageError, backup_status, guest_renames, newest_common_guid,
+    SyncJob, UsageError, backup_status, bookmark_changes, guest_renames, newest_common_guid,
     parse_config, prometheus_text, select_guests, source_newer_bytes, transfer_lanes)
 
 GUESTS = (
@@ -159,3 +159,16 @@ def test_retention_from_the_config():
 def test_bad_retention_in_the_config(line, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(RC + line + '\n', 'rc')
+
+
+def test_bookmark_changes():
+    own = [snap('planb-20261101T000000Z', 7, 70, bookmark=True),
+           snap('planb-20261102T000000Z', 8, 80)]
+    foreign = [snap('mine', 5, 50, bookmark=True)]
+    src = source(*foreign, *own)
+    assert bookmark_changes(src, 8, 'planb') == (own[1], [own[0]])
+    marked = source(*foreign, *own, snap('planb-20261102T000000Z', 8, 80, bookmark=True))
+    assert bookmark_changes(marked, 8, 'planb') == (None, [own[0]])
+    assert bookmark_changes(src, 7, 'planb') == (None, [])      # only its bookmark: keep
+    assert bookmark_changes(src, 99, 'planb') == (None, [])
+    assert bookmark_changes(src, None, 'planb') == (None, [])

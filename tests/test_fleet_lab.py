@@ -159,14 +159,16 @@ def test_retention_on_both_sides(fleet):
     plan = sync(fleet, '-g', 'keeper', '-n', *keep)
     kept_on_source = before[-1:]    # and this run's new snapshot: --keep-source 2
     doomed_on_source = [s for s in before if s.startswith(PREFIX) and s not in kept_on_source]
-    assert 'then destroy on planb@10.99.2.1: {}@{}'.format(
+    assert 'then on planb@10.99.2.1: sudo -n zfs destroy {}@{}\n'.format(
         disk, ','.join(doomed_on_source)) in plan.stdout
     assert snapshots(fleet.pve2, disk) == before
 
     done = sync(fleet, '-g', 'keeper', '--json', *keep)
     new = json.loads(done.stdout)[0]['detail'].split('@')[-1]
-    # The source: the newest two of the tool's, and the foreign one.
+    # The source: the newest two of the tool's, the foreign one, and a
+    # bookmark of the newest.
     assert snapshots(fleet.pve2, disk) == ['manual', recent, new]
+    assert fleet.pve2.zfs('list -H -o name -t bookmark ' + disk) == disk + '#' + new
     # The backup: all of the last day, one a day for 30 days, the foreign one;
     # not the one 40 days old, nor the second one of a day.
     on_backup = snapshots(fleet.backup, dst)

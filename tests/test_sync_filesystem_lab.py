@@ -34,6 +34,11 @@ def snapshots(host, dataset):
     return [line.split('@', 1)[1] for line in out.splitlines()]
 
 
+def bookmarks(host, dataset):
+    out = host.zfs('list -H -o name -t bookmark ' + shlex.quote(dataset))
+    return [line.split('#', 1)[1] for line in out.splitlines()]
+
+
 def assert_same_volume(lab, src, dst):
     assert lab.pve1.sha256('/dev/zvol/' + src) == lab.backup.sha256('/dev/zvol/' + dst)
 
@@ -161,31 +166,34 @@ def test_unrelated_destination_is_replaced_only_when_asked(lab):
     assert_same_volume(lab, src, dst)
 
 
-def test_common_snapshot_deleted_on_the_source(lab):
+def test_the_tool_bookmarks_the_base_so_a_lost_snapshot_breaks_no_chain(lab):
+    src, dst = new_zvol(lab.pve1), new_destination()
+    tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
+    (common,) = snapshots(lab.pve1, src)
+    assert bookmarks(lab.pve1, src) == [common]
+    lab.pve1.zfs('destroy {}@{}'.format(src, common))     # an admin tidying up
+    lab.pve1.write_random(src, 1)
+    time.sleep(1)
+    done = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
+    assert 'incremental #' + common in done.stdout
+    assert_same_volume(lab, src, dst)
+    (newest,) = snapshots(lab.pve1, src)
+    assert bookmarks(lab.pve1, src) == [newest]          # the old one is gone
+
+
+def test_common_snapshot_and_bookmark_deleted_on_the_source(lab):
     src, dst = new_zvol(lab.pve1), new_destination()
     tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
     time.sleep(1)
     tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
     first, second = snapshots(lab.pve1, src)
-    lab.pve1.zfs('destroy {}@{}'.format(src, second))
+    lab.pve1.zfs('destroy {0}@{1} && zfs destroy {0}#{1}'.format(src, second))
     time.sleep(1)
     done = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=1)
     assert 'continue from @' + first in done.stderr
     assert snapshots(lab.backup, dst) == [first, second]     # nothing destroyed
     time.sleep(1)
     tool(lab, 'sync-filesystem', '--rollback', 'planb@pve1:' + src, dst, check=0)
-    assert_same_volume(lab, src, dst)
-
-
-def test_bookmark_of_the_common_snapshot_keeps_the_chain(lab):
-    src, dst = new_zvol(lab.pve1), new_destination()
-    tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
-    (common,) = snapshots(lab.pve1, src)
-    lab.pve1.zfs('bookmark {0}@{1} {0}#{1} && zfs destroy {0}@{1}'.format(src, common))
-    lab.pve1.write_random(src, 1)
-    time.sleep(1)
-    done = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
-    assert 'incremental #' + common in done.stdout
     assert_same_volume(lab, src, dst)
 
 

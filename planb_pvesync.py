@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Collection, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import proxmoxer
 import proxmoxer.backends.https
@@ -1622,8 +1622,8 @@ class SyncRun:
         self.results = {job.dst: JobResult(job) for job in self.jobs}
         self.src = {}               # (host name, dataset) -> Dataset
         self.dst = {}               # dataset -> Dataset
-        self.source_upkeep = {}     # host name -> (host, [(job, commands, [Snapshot])])
-        self._mutex = threading.Lock()  # for self.dst and self.source_upkeep
+        self.upkeep = {}            # dataset -> (source commands, [Snapshot] they destroy)
+        self._mutex = threading.Lock()  # for self.dst
 
     def run(self) -> List[JobResult]:
         locks = self._lock_all()
@@ -1661,26 +1661,31 @@ class SyncRun:
                                 'for it)'.format(lock.holder()), 'skipped')
         return locks
 
-    def _by_host(self, jobs):
+    def _each_host(self, jobs, work):
+        """work(host, its jobs) for every source host at once: the hosts' ssh
+        round trips overlap instead of adding up."""
         hosts = {}
         for job in jobs:
             hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
-        return hosts.values()
+        if hosts:
+            with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+                list(pool.map(lambda item: work(*item), hosts.values()))
 
     def _read_sources(self, jobs):
-        for host, host_jobs in self._by_host(jobs):
-            try:
-                found = list_datasets(host, sorted({j.src for j in host_jobs}))
-            except CommandError as exc:
-                for job in host_jobs:
-                    self._fail(job, 'cannot list its source: {}'.format(exc))
-                continue
-            for job in host_jobs:
-                if job.src in found:
-                    self.src[(host.name, job.src)] = found[job.src]
-                else:
-                    self._fail(job, 'source {} does not exist on {}'.format(
-                        job.src, host.name))
+        self._each_host(jobs, self._read_host)
+
+    def _read_host(self, host, jobs):
+        try:
+            found = list_datasets(host, sorted({j.src for j in jobs}))
+        except CommandError as exc:
+            for job in jobs:
+                self._fail(job, 'cannot list its source: {}'.format(exc))
+            return
+        for job in jobs:
+            if job.src in found:
+                self.src[(host.name, job.src)] = found[job.src]
+            else:
+                self._fail(job, 'source {} does not exist on {}'.format(job.src, host.name))
 
     def _read_destinations(self, jobs):
         parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
@@ -1691,20 +1696,47 @@ class SyncRun:
                 self._fail(job, 'cannot list the destination: {}'.format(exc))
 
     def _take_snapshots(self, jobs):
+        """One zfs snapshot per source pool for every group that needs one:
+        atomic within a pool, and a fixed number of commands per host. With
+        --fsfreeze each group gets its own, inside its freeze. When a shared
+        one fails (nothing was made: it is atomic), each group tries alone,
+        so one vanished dataset fails only its own guest."""
         if not self.opts.make_snapshot:
             return
         now = time.time()
         name = snapshot_name(self.opts.snapshot_prefix, now)
+        self._each_host(jobs, lambda host, host_jobs: self._snapshot_host(
+            host_jobs, name, now))
+
+    def _snapshot_host(self, jobs, name, now):
         groups = {}
         for job in jobs:
-            groups.setdefault((job.src_host.name, job.group or job.src), []).append(job)
-        for (_, group), group_jobs in groups.items():
-            sources = [self.src[(j.src_host.name, j.src)] for j in group_jobs]
-            if needs_snapshot(sources, self.opts.snapshot_reuse_age, now):
-                self._snapshot_group(group, group_jobs, name, now)
+            groups.setdefault(job.group or job.src, []).append(job)
+        due = {group: group_jobs for group, group_jobs in groups.items()
+               if needs_snapshot([self.src[(j.src_host.name, j.src)] for j in group_jobs],
+                                 self.opts.snapshot_reuse_age, now)}
+        if self.freeze:
+            for group, group_jobs in due.items():
+                self._snapshot_frozen(group, group_jobs, name, now)
+            return
+        for shared in by_pool(job for group_jobs in due.values() for job in group_jobs):
+            if not self._snapshot(shared, name, now, fail=False):
+                for group_jobs in due.values():
+                    alone = [job for job in group_jobs if job in shared]
+                    if alone:
+                        self._snapshot(alone, name, now)
 
-    def _snapshot_group(self, group, jobs, name, now):
-        """One zfs snapshot for all of a group's datasets: atomic within a pool.
+    def _snapshot_frozen(self, group, jobs, name, now):
+        try:
+            with self.freeze(group):
+                for part in by_pool(jobs):
+                    self._snapshot(part, name, now)
+        except PvesyncError as exc:
+            for job in jobs:
+                self._fail(job, 'cannot freeze its filesystems: {}'.format(exc))
+
+    def _snapshot(self, jobs, name, now, fail=True) -> bool:
+        """One zfs snapshot of `jobs`' sources (one host, one pool).
 
         The new snapshot joins the listing without a second zfs list: its guid
         matters only once it is on the destination, which is listed anew.
@@ -1714,26 +1746,25 @@ class SyncRun:
         try:
             if self.opts.dry_run:
                 self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
-            elif self.freeze:
-                with self.freeze(group):
-                    host.run(cmd)
             else:
                 host.run(cmd)
         except PvesyncError as exc:
-            for job in jobs:
+            for job in jobs if fail else ():
                 self._fail(job, 'cannot snapshot: {}'.format(exc))
-            return
+            return False
         log.info('%s: snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
         for job in jobs:
             key = (host.name, job.src)
             newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
             self.src[key] = dataclasses.replace(
                 self.src[key], snapshots=self.src[key].snapshots + (newest,))
+        return True
 
     def _check_programs(self, jobs):
         src_needs, here_needs = needed_commands(self.opts.transfer)
         missing_here = self.dst_host.missing_commands(here_needs)
-        for host, host_jobs in self._by_host(jobs):
+
+        def check(host, host_jobs):
             try:
                 missing = (host.missing_commands(src_needs)
                            if host.is_remote and src_needs else [])
@@ -1749,6 +1780,7 @@ class SyncRun:
             for job in host_jobs:
                 if problem:
                     self._fail(job, problem)
+        self._each_host(jobs, check)
 
     def _sync_all(self, jobs):
         """Job after job, or with --jobs in lanes side by side: a lane is a
@@ -1852,21 +1884,22 @@ class SyncRun:
             result.destroyed += tuple(dst.name + s.ref for s in thinned)
         cmds, doomed = self._source_upkeep(job, src, base)
         if cmds:
-            with self._mutex:
-                self.source_upkeep.setdefault(job.src_host.name, (job.src_host, []))[
-                    1].append((job, cmds, doomed))
+            self.upkeep[job.dst] = (cmds, doomed)
 
     def _upkeep_sources(self):
         """Bookmarks and retention on the sources: one ssh per host."""
-        for host, upkeep in self.source_upkeep.values():
-            try:
-                host.run_all([cmd for _, cmds, _ in upkeep for cmd in cmds])
-            except CommandError as exc:
-                log.warning('%s: could not bookmark or remove all old snapshots: %s',
-                            host.name, exc)
-            for job, _, doomed in upkeep:
-                self.results[job.dst].destroyed += tuple(
-                    '{}:{}{}'.format(host.name, job.src, s.ref) for s in doomed)
+        self._each_host([j for j in self.jobs if j.dst in self.upkeep], self._upkeep_host)
+
+    def _upkeep_host(self, host, jobs):
+        try:
+            host.run_all([cmd for job in jobs for cmd in self.upkeep[job.dst][0]])
+        except CommandError as exc:
+            log.warning('%s: could not bookmark or remove all old snapshots: %s',
+                        host.name, exc)
+            return
+        for job in jobs:
+            self.results[job.dst].destroyed += tuple(
+                '{}:{}{}'.format(host.name, job.src, s.ref) for s in self.upkeep[job.dst][1])
 
     def _plan(self, src, dst):
         return plan_sync(src, dst, intermediates=self.opts.intermediates,
@@ -1949,6 +1982,15 @@ class SyncRun:
         if thinned:
             self.out('  then here: ' + shlex.join(
                 self.dst_host.zfs('destroy', snapshot_spec(job.dst, thinned))))
+
+
+def by_pool(jobs: Iterable[SyncJob]) -> List[List[SyncJob]]:
+    """`jobs` in groups of one source host and pool: what one zfs snapshot
+    can cover (it is atomic, and refuses datasets of two pools)."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault((job.src_host.name, job.src.split('/')[0]), []).append(job)
+    return list(groups.values())
 
 
 def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]]:
@@ -2388,6 +2430,9 @@ def cmd_sync_pve_guest(session: Session) -> int:
 def rename_guest_backups(here, root, cluster, guests, dry_run):
     """Follow guests renamed in PVE: their backups move to the new name."""
     found = list_datasets(here, [root], depth=2)
+    if root not in found:
+        raise UsageError('--sync-zfs-root {0} does not exist here; create it, for '
+                         'example: zfs create -o mountpoint=none {0}'.format(root))
     for old, new, guest in guest_renames(found, root, cluster, guests):
         if dry_run:
             print('would rename {} to {} (guest {} is called {} now)'.format(

@@ -107,6 +107,7 @@ def test_fsfreeze_through_the_guest_agent(cluster):
 
 def test_dry_run_prints_the_plan_and_changes_nothing(cluster):
     before = cluster.pve2.zfs('list -H -t snapshot -o name -r rpool')
+    cluster.backup.zfs('create -o mountpoint=none {}/dry'.format(ROOT))
     done = tool(cluster, 'sync-pve-guest', '-n', '-g', '107', '--sync-zfs-root',
                 ROOT + '/dry', check=0)
     assert re.search(r"would run on planb@10\.99\.2\.1: sudo -n zfs snapshot "
@@ -114,7 +115,14 @@ def test_dry_run_prints_the_plan_and_changes_nothing(cluster):
                      done.stdout)
     assert 'tank/enc/pve/dry/legacy-db/local-zfs--vm-107-disk-0: full' in done.stdout
     assert cluster.pve2.zfs('list -H -t snapshot -o name -r rpool') == before
-    assert cluster.backup.run('zfs list ' + ROOT + '/dry', check=False).returncode != 0
+    assert cluster.backup.zfs('list -H -o name -r {}/dry'.format(ROOT)) == ROOT + '/dry'
+
+
+def test_a_missing_root_stops_the_run_before_anything_changes(cluster):
+    done = tool(cluster, 'sync-pve-guest', '-g', '107', '--sync-zfs-root', 'tank/ecn', check=2)
+    assert done.stderr == ('planb-pvesync: error: --sync-zfs-root tank/ecn does not exist '
+                           'here; create it, for example: zfs create -o mountpoint=none '
+                           'tank/ecn\n')
 
 
 def test_offline_node_guest_fails_alone(cluster):

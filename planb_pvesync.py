@@ -2137,7 +2137,7 @@ def format_status(rows: Sequence[BackupStatus], now: float) -> List[str]:
             format_age(now - row.newest.creation) if row.newest else '-',
             format_bytes(row.used) if row.newest else '-',
             '?' if row.source_newer is None else format_bytes(row.source_newer),
-            ': '.join([row.state] + ['; '.join(row.reasons)] if row.reasons else [row.state])))
+            row.state + (': ' + '; '.join(row.reasons) if row.reasons else '')))
     widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
     lines += ['  '.join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
               for cells in table]

@@ -7,8 +7,8 @@ from hypothesis import given, strategies as st
 
 from planb_pvesync import (
     ConfigError, Dataset, GuestSelection, KeepRule, PveCluster, PveGuest, Snapshot,
-    SyncJob, UsageError, backup_status, bookmark_changes, guest_renames, newest_common_guid,
-    parse_config, prometheus_text, select_guests, source_newer_bytes, transfer_lanes)
+    SyncJob, UsageError, backup_status, bookmark_changes, format_status, guest_renames,
+    newest_common_guid, parse_config, prometheus_text, select_guests, source_newer_bytes, transfer_lanes)
 
 GUESTS = (
     PveGuest(100, 'qemu', 'base-tmpl', 'pve1', 'stopped', template=True, pool='acme'),
@@ -172,3 +172,15 @@ def test_bookmark_changes():
     assert bookmark_changes(src, 7, 'planb') == (None, [])      # only its bookmark: keep
     assert bookmark_changes(src, 99, 'planb') == (None, [])
     assert bookmark_changes(src, None, 'planb') == (None, [])
+
+
+def test_format_status_puts_the_verdict_first():
+    ok = backup_status(101, 'web', 'tank/b/web/local-zfs--vm-101-disk-0',
+                       backup('x', 101, snaps=(A, C)), source(A, B, C), NOW, None, 86400)
+    missing = backup_status(102, 'db', 'tank/b/db/local-zfs--vm-102-disk-0', None, None,
+                            NOW, None, 86400)
+    assert format_status([ok, missing], NOW) == [
+        'CRITICAL: 2 volume(s): 1 ok, 0 warning, 1 critical',
+        'VMID  GUEST  VOLUME                    NEWEST  AGE    USED  SOURCE NEWER  STATE',
+        '101   web    local-zfs--vm-101-disk-0  c       2.0 h  0 B   3 B           ok',
+        '102   db     local-zfs--vm-102-disk-0  -       -      -     ?             critical: no backup']

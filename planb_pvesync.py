@@ -1488,7 +1488,7 @@ def pipeline_text(stages: Sequence[Stage]) -> str:
 
 
 # ==============================================================================
-# The sync engine: list, snapshot, plan and transfer, one volume at a time
+# The sync engine: list, snapshot, plan, transfer, then retention
 # ==============================================================================
 
 MAX_STEPS = 6       # resume, abort, rollback, full, incremental, and one spare

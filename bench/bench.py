@@ -196,12 +196,6 @@ def lab_vmids(guests):
 # Case 5: discovery at scale, against the double on loopback
 # ==============================================================================
 
-def tool_help(argv_prefix, env=None):
-    done = subprocess.run(argv_prefix + ['sync-pve-guest', '--help'], capture_output=True,
-                          text=True, env=env)
-    return done.stdout
-
-
 def case_discovery(settings) -> List[Row]:
     """list-pve-guests and sync-pve-guest --all --dry-run for 1,000 guests."""
     from pve_double import write_fixture
@@ -239,12 +233,10 @@ def case_discovery(settings) -> List[Row]:
             env = dict(os.environ, HOME=str(tmp), PATH='{}:{}'.format(fake, os.environ['PATH']),
                        PYTHONPATH=str(REPO))
             tool = [sys.executable, str(REPO / 'planb_pvesync.py'), '-f', str(rc)]
-            has_all = '--all' in tool_help(tool, env)
-            vmids = [g['vmid'] for g in json.loads(fixture.read_text())['guests']]
-            select = ['--all'] if has_all else [a for v in vmids for a in ('-g', str(v))]
+            guests = len(json.loads(fixture.read_text())['guests'])
             commands = [('list-pve-guests', ['list-pve-guests']),
                         ('sync-pve-guest --dry-run',
-                         ['sync-pve-guest', *select, '--sync-zfs-root', 'tank/enc', '--dry-run', '-q'])]
+                         ['sync-pve-guest', '--all', '--sync-zfs-root', 'tank/enc', '--dry-run', '-q'])]
             rows = []
             for label, args in commands:
                 runs, counts = [], []
@@ -258,9 +250,7 @@ def case_discovery(settings) -> List[Row]:
                     runs.append(Run(wall=wall, rc=done.returncode,
                                     output=done.stdout[-300:] + done.stderr[-600:]))
                 note = '{} guests on 10 nodes, {:.0f} ms per call'.format(
-                    len(vmids), settings.api_latency * 1000)
-                if label.startswith('sync') and not has_all:
-                    note += '; no --all yet: {} -g'.format(len(vmids))
+                    guests, settings.api_latency * 1000)
                 log('case 5 {}: {:.2f} s, {} API calls, exit {}'.format(
                     label, statistics.median(r.wall for r in runs), max(counts), runs[-1].rc))
                 if label.startswith('sync'):
@@ -286,7 +276,6 @@ class Bench:
         self.settings = settings
         self.backup = lab.backup
         self.vmids = lab_vmids(settings.guests)
-        self.planb_select = None
 
     # ---- setup
 
@@ -415,20 +404,9 @@ class Bench:
             log('exit {}: {}'.format(rc, out[-1500:]))
         return run
 
-    def planb_select_args(self):
-        if self.planb_select is None:
-            help_text = self.backup.run('planb-pvesync sync-pve-guest --help', user='planb').stdout
-            all_vmids = [v for node in NODES for v in self.vmids[node]]
-            select = '--all' if '--all' in help_text else ' '.join('-g {}'.format(v) for v in all_vmids)
-            if '--jobs' in help_text:
-                select += ' --jobs 2'
-            self.planb_select = select
-            log('planb-pvesync selects with: {}'.format(select[:60]))
-        return self.planb_select
-
     def run_planb(self):
-        return self.measure('planb', 'planb-pvesync-rss -p demo sync-pve-guest {} '
-                            '--sync-zfs-root tank/enc/planb --no-snapshot -q'.format(self.planb_select_args()))
+        return self.measure('planb', 'planb-pvesync-rss -p demo sync-pve-guest --all --jobs 2 '
+                            '--sync-zfs-root tank/enc/planb --no-snapshot -q')
 
     def run_syncoid(self):
         return self.measure('root', ' && '.join(

@@ -1661,18 +1661,8 @@ class SyncRun:
                                 'for it)'.format(lock.holder()), 'skipped')
         return locks
 
-    def _each_host(self, jobs, work):
-        """work(host, its jobs) for every source host at once: the hosts' ssh
-        round trips overlap instead of adding up."""
-        hosts = {}
-        for job in jobs:
-            hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
-        if hosts:
-            with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-                list(pool.map(lambda item: work(*item), hosts.values()))
-
     def _read_sources(self, jobs):
-        self._each_host(jobs, self._read_host)
+        each_host(jobs, self._read_host)
 
     def _read_host(self, host, jobs):
         try:
@@ -1705,7 +1695,7 @@ class SyncRun:
             return
         now = time.time()
         name = snapshot_name(self.opts.snapshot_prefix, now)
-        self._each_host(jobs, lambda host, host_jobs: self._snapshot_host(
+        each_host(jobs, lambda host, host_jobs: self._snapshot_host(
             host_jobs, name, now))
 
     def _snapshot_host(self, jobs, name, now):
@@ -1780,7 +1770,7 @@ class SyncRun:
             for job in host_jobs:
                 if problem:
                     self._fail(job, problem)
-        self._each_host(jobs, check)
+        each_host(jobs, check)
 
     def _sync_all(self, jobs):
         """Job after job, or with --jobs in lanes side by side: a lane is a
@@ -1888,7 +1878,7 @@ class SyncRun:
 
     def _upkeep_sources(self):
         """Bookmarks and retention on the sources: one ssh per host."""
-        self._each_host([j for j in self.jobs if j.dst in self.upkeep], self._upkeep_host)
+        each_host([j for j in self.jobs if j.dst in self.upkeep], self._upkeep_host)
 
     def _upkeep_host(self, host, jobs):
         try:
@@ -1982,6 +1972,17 @@ class SyncRun:
         if thinned:
             self.out('  then here: ' + shlex.join(
                 self.dst_host.zfs('destroy', snapshot_spec(job.dst, thinned))))
+
+
+def each_host(jobs: Iterable[SyncJob], work):
+    """work(host, its jobs) for every source host at once: the hosts' ssh
+    round trips overlap instead of adding up."""
+    hosts = {}
+    for job in jobs:
+        hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
+    if hosts:
+        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+            list(pool.map(lambda item: work(*item), hosts.values()))
 
 
 def by_pool(jobs: Iterable[SyncJob]) -> List[List[SyncJob]]:
@@ -2517,20 +2518,19 @@ def _seconds(hours: Optional[float]) -> Optional[float]:
 
 
 def read_sources(jobs: Sequence[SyncJob], notes: Dict[str, str]) -> Dict[str, Dataset]:
-    """The jobs' sources by destination, one zfs list per source host; a host
+    """The jobs' sources by destination, one zfs list per source host (all
+    at once); a host
     that cannot be listed leaves a note for each of its jobs."""
-    by_host = {}
-    for job in jobs:
-        if job.src_host is not None:
-            by_host.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
     sources = {}
-    for host, host_jobs in by_host.values():
+
+    def read(host, host_jobs):
         try:
             listed = list_datasets(host, sorted({j.src for j in host_jobs}))
         except CommandError as exc:
             notes.update((j.dst, 'source unknown: {}'.format(exc)) for j in host_jobs)
-            continue
+            return
         sources.update((j.dst, listed[j.src]) for j in host_jobs if j.src in listed)
+    each_host([job for job in jobs if job.src_host is not None], read)
     return sources
 
 

@@ -2518,9 +2518,8 @@ def _seconds(hours: Optional[float]) -> Optional[float]:
 
 
 def read_sources(jobs: Sequence[SyncJob], notes: Dict[str, str]) -> Dict[str, Dataset]:
-    """The jobs' sources by destination, one zfs list per source host (all
-    at once); a host
-    that cannot be listed leaves a note for each of its jobs."""
+    """The jobs' sources by destination, one zfs list per source host, all at
+    once; a host that cannot be listed leaves a note for each of its jobs."""
     sources = {}
 
     def read(host, host_jobs):

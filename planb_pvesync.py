@@ -93,24 +93,49 @@ class PveError(PvesyncError):
 
 
 class CommandError(PvesyncError):
-    """One or more stages of a command pipeline failed."""
+    """One or more stages of a command pipeline failed. `failed` lists them in
+    the order they ended: the first is the cause, the others (a decompressor
+    cut off, zfs recv left with half a stream) mostly its effects."""
 
     def __init__(self, failed, stdout=''):
         self.failed = failed            # [(stage name, exit status, stderr)]
         self.stdout = stdout
-        super().__init__('; '.join(
-            '{} failed (exit {}): {}'.format(name, code, _last_line(err) or
-                                             'no error output')
-            for name, code, err in failed))
+        name, code, err = failed[0]
+        message = '{} failed ({}): {}'.format(name, exit_text(code),
+                                               own_words(err) or 'no error output')
+        if len(failed) > 1:
+            message += '; then ' + ', '.join('{} failed ({})'.format(n, exit_text(c))
+                                             for n, c, _ in failed[1:])
+        super().__init__(message)
 
     @property
     def stderr(self) -> str:
         return '\n'.join(err for _, _, err in self.failed)
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ''
+def exit_text(code: int) -> str:
+    """'exit 3', or 'killed by SIGTERM' for a process a signal ended."""
+    if code < 0:
+        try:
+            return 'killed by ' + signal.Signals(-code).name
+        except ValueError:
+            return 'killed by signal {}'.format(-code)
+    return 'exit {}'.format(code)
+
+
+# zfs recv -s ends its error with how to resume by hand; the next run resumes
+# by itself, and the cause is in the lines before.
+RESUME_HINT = re.compile(r'^(Partially received snapshot is saved|A resuming stream can be '
+                         r'generated)', re.M)
+
+
+def own_words(stderr: str, lines=3) -> str:
+    """What a failed program said, on one line: its last few lines (zfs breaks
+    one message over two), without zfs recv's hint on resuming by hand."""
+    match = RESUME_HINT.search(stderr)
+    text = stderr[:match.start()] if match else stderr
+    said = [line.strip() for line in text.splitlines() if line.strip()]
+    return ' '.join(said[-lines:])
 
 
 # ==============================================================================
@@ -881,11 +906,14 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
     """Run `stages` with each one's stdout piped into the next one's stdin.
 
     Data flows between the processes, never through Python. Every stage's exit
-    status is checked; a CommandError names each stage that failed, with the
-    tail of its stderr. Returns the last stage's stdout when `capture`.
+    status is checked; a CommandError names the stage that failed first, in
+    its own words, then the others. Returns the last stage's stdout when
+    `capture`.
     """
     log.debug('(exec) %s', ' | '.join(shlex.join(s.argv) for s in stages))
     running = []
+    ended = []      # indexes into `running`, in the order the processes ended
+    watchers = []
     try:
         stdin = subprocess.DEVNULL
         for i, stage in enumerate(stages):
@@ -901,10 +929,11 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             if stdin is not subprocess.DEVNULL:
                 stdin.close()           # the next stage holds it now
             stdin = proc.stdout
+            watchers.append(_watch_exit(proc, len(running), ended))
             running.append((stage, proc, errors))
         output = running[-1][1].stdout.read() if capture else b''
-        for _, proc, _ in running:
-            proc.wait()
+        for watcher in watchers:
+            watcher.join()
     except BaseException:
         for _, proc, _ in running:
             if proc.poll() is None:
@@ -917,15 +946,32 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             if proc.stdout:
                 proc.stdout.close()
     failed = [(stage.name, proc.returncode, _read_tail(errors))
-              for stage, proc, errors in running if proc.returncode != 0]
-    # A stage killed by a broken pipe only shows that a later one died first.
+              for stage, proc, errors in (running[i] for i in ended)
+              if proc.returncode != 0]
+    for name, code, err in failed:
+        log.debug('(exec) %s failed (%s): %s', name, exit_text(code), err)
+    # A stage that died writing into a broken pipe only shows that a later
+    # one ended first: killed by SIGPIPE it is left out, failing on EPIPE
+    # (as ssh does, after a moment) it comes after the others.
     failed = [f for f in failed if f[1] not in BROKEN_PIPE] or failed
+    failed.sort(key=lambda f: 'Broken pipe' in f[2])
     for _, _, errors in running:
         if errors:
             errors.close()
     if failed:
         raise CommandError(failed, output.decode(errors='replace'))
     return output.decode(errors='replace')
+
+
+def _watch_exit(proc, index, ended) -> threading.Thread:
+    """A thread that waits for `proc` and then appends `index` to `ended`:
+    the order in which a pipeline's processes end tells cause from effect."""
+    def wait():
+        proc.wait()
+        ended.append(index)
+    watcher = threading.Thread(target=wait, name='wait-{}'.format(proc.pid), daemon=True)
+    watcher.start()
+    return watcher
 
 
 def _read_tail(errors, limit=4000) -> str:
@@ -1190,17 +1236,27 @@ def plan_sync(src: Dataset, dst: Optional[Dataset], intermediates=True,
             '{} {}; rename or remove it, or pass --destroy-diverged to replace '
             'it with a full copy'.format(dst.name, what)))
     base_dst = common[-1]
-    newer_on_dst = dst_snaps[dst_snaps.index(base_dst) + 1:]
+    kept = dst_snaps[:dst_snaps.index(base_dst) + 1]
+    newer_on_dst = dst_snaps[len(kept):]
     steps = []
-    if newer_on_dst or dst.written:
+    # ZFS receives a plain incremental past snapshots made on the destination
+    # after its base, as long as nothing changed there since; a raw stream
+    # only onto the base itself.
+    changed = dst.written + sum(s.written for s in newer_on_dst)
+    if changed or (newer_on_dst and src.encrypted):
         if not rollback:
             return SyncPlan('diverged', problem=_changed_problem(
-                dst, base_dst, newer_on_dst))
+                dst, base_dst, newer_on_dst, changed))
         steps.append(RollbackStep(base_dst))
+    else:
+        kept = dst_snaps
     base = by_guid[base_dst.guid]
     if base.guid == newest.guid:
         return SyncPlan('up-to-date', tuple(steps))
     steps += _incremental_steps(points, base, newest, intermediates)
+    clashes = name_clashes(src, steps, kept)
+    if clashes:
+        return SyncPlan('diverged', problem=_clash_problem(dst, clashes))
     return SyncPlan('incremental', tuple(steps))
 
 
@@ -1244,16 +1300,57 @@ def _written_between(snapshots, base, newest):
                if base.createtxg < s.createtxg <= newest.createtxg)
 
 
-def _changed_problem(dst, base, newer_on_dst):
+def name_clashes(src: Dataset, steps: Sequence, dst_snaps: Sequence[Snapshot]
+                 ) -> List[Tuple[Snapshot, Snapshot]]:
+    """(source snapshot, destination snapshot) for each snapshot the steps
+    would send under a name the destination already gives another snapshot:
+    zfs recv would refuse it ("destination already exists")."""
+    on_dst = {s.name: s for s in dst_snaps}
+    clashes = []
+    for step in steps:
+        if isinstance(step, SendStep):
+            for snap in _sent_snapshots(src, step):
+                other = on_dst.get(snap.name)
+                if other is not None and other.guid != snap.guid:
+                    clashes.append((snap, other))
+    return clashes
+
+
+def _sent_snapshots(src, step):
+    if not step.intermediates:
+        return [step.snapshot]
+    return [s for s in src.snapshots if not s.bookmark
+            and step.base.createtxg < s.createtxg <= step.snapshot.createtxg]
+
+
+def _changed_problem(dst, base, newer_on_dst, changed):
+    names = ', '.join('@' + s.name for s in newer_on_dst)
+    if newer_on_dst and not changed:
+        return ('{0} has {1} snapshot(s) after @{2} that the source does not have '
+                '({3}); its source is encrypted and sent raw, and ZFS receives a raw '
+                'stream only onto the snapshot it starts from; destroy them (zfs '
+                'destroy {4}) or pass --rollback, which does that, to continue from '
+                '@{2}'.format(dst.name, len(newer_on_dst), base.name, names,
+                              snapshot_spec(dst.name, newer_on_dst)))
     if newer_on_dst:
         what = ('has {} snapshot(s) after @{}, the newest one the source still '
-                'has ({})'.format(len(newer_on_dst), base.name,
-                                  ', '.join('@' + s.name for s in newer_on_dst)))
+                'has ({}), and {} bytes were written after @{}'.format(
+                    len(newer_on_dst), base.name, names, changed, base.name))
     else:
         what = 'was changed after its newest snapshot @{} ({} bytes written)'.format(
             base.name, dst.written)
     return ('{} {}; pass --rollback to discard that on the destination and '
             'continue from @{}'.format(dst.name, what, base.name))
+
+
+def _clash_problem(dst, clashes):
+    snap, other = clashes[0]
+    more = ' (and {} more: {})'.format(len(clashes) - 1, ', '.join(
+        '@' + s.name for s, _ in clashes[1:])) if len(clashes) > 1 else ''
+    return ('{0}@{1} is another snapshot than the source\'s @{1}: their guids differ '
+            '({2} here, {3} on the source), so the name was used again{4}; nothing '
+            'was sent; rename one of them, for example: zfs rename {0}@{1} '
+            '{0}@{1}-old'.format(dst.name, snap.name, other.guid, snap.guid, more))
 
 
 # ==============================================================================

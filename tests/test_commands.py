@@ -100,14 +100,37 @@ def test_run_pipeline_passes_data_between_processes():
     assert out.strip() == '100000'
 
 
-def test_run_pipeline_reports_every_failing_stage_by_name():
+def test_run_pipeline_names_the_stage_that_failed_first_in_its_own_words():
     with pytest.raises(CommandError) as exc:
         run_pipeline([Stage('pve1: zfs send', ['sh', '-c', 'echo boom >&2; exit 3']),
                       Stage('zstd', ['sh', '-c', 'cat >/dev/null; echo truncated >&2; exit 1']),
                       Stage('zfs recv', ['cat'])])
-    assert str(exc.value) == ('pve1: zfs send failed (exit 3): boom; '
-                              'zstd failed (exit 1): truncated')
+    assert str(exc.value) == 'pve1: zfs send failed (exit 3): boom; then zstd failed (exit 1)'
     assert exc.value.stderr == 'boom\ntruncated'
+
+
+def test_the_receiver_failing_while_the_sender_still_sends_is_the_cause():
+    """zrepl's ReplicationReceiverErrorWhileStillSending: the receiving end
+    gives up mid-stream; the stages before it then fail on the closed pipe,
+    and a stage that ignores SIGPIPE (as ssh does) fails with an exit status
+    of its own. The message still starts with the receiver, in its words,
+    not with zfs recv's hint on resuming by hand."""
+    recv = ('head -c 100000 >/dev/null; printf "%s\\n" "cannot receive new filesystem '
+            'stream: out of" "space" "Partially received snapshot is saved." '
+            '"A resuming stream can be generated on the sending system by running:" '
+            '"    zfs send -t 1-abc" >&2; exit 1')
+    for relay in ('cat; exit 255', 'cat 2>/dev/null; sleep 0.2; exit 255'):
+        with pytest.raises(CommandError) as exc:
+            run_pipeline([Stage('pve1: zfs send | zstd', ['yes']),
+                          Stage('relay', ['sh', '-c', 'trap "" PIPE; ' + relay]),
+                          Stage('zfs recv', ['sh', '-c', recv])])
+        assert str(exc.value) == ('zfs recv failed (exit 1): cannot receive new filesystem '
+                                  'stream: out of space; then relay failed (exit 255)')
+
+
+def test_a_stage_killed_by_a_signal_says_so():
+    with pytest.raises(CommandError, match=r'^sleep failed \(killed by SIGKILL\): no error'):
+        run_pipeline([Stage('sleep', ['sh', '-c', 'kill -KILL $$'])])
 
 
 def test_a_broken_pipe_is_not_the_cause():

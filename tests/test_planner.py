@@ -90,6 +90,56 @@ def test_common_snapshot_deleted_on_source_is_diverged_unless_rollback():
     assert plan.steps[0] == RollbackStep(S1)
 
 
+def test_snapshots_made_on_the_destination_without_changes_are_received_past():
+    mine = snap('before-upgrade', 77, 25, written=0)
+    plan = plan_sync(src(S1, S2, S3), dst(S1, S2, mine))
+    assert plan.action == 'incremental'
+    assert plan.steps == (SendStep(S3, base=S2, intermediates=True, estimate=10),)
+    assert plan_sync(src(S1, S2), dst(S1, S2, mine)).action == 'up-to-date'
+
+
+def test_snapshots_made_on_the_destination_with_changes_need_rollback():
+    mine = snap('mine', 77, 25, written=4096)
+    plan = plan_sync(src(S1, S2, S3), dst(S1, S2, mine))
+    assert plan.action == 'diverged'
+    assert '(@mine), and 4096 bytes were written after @s2' in plan.problem
+    assert '--rollback' in plan.problem
+    assert plan_sync(src(S1, S2, S3), dst(S1, S2, mine), rollback=True).steps[0] == (
+        RollbackStep(S2))
+
+
+def test_a_raw_stream_is_not_received_past_a_snapshot_made_on_the_destination():
+    mine = snap('mine', 77, 25, written=0)
+    plan = plan_sync(src(S1, S2, S3, encrypted=True), dst(S1, S2, mine))
+    assert plan.action == 'diverged'
+    assert 'sent raw' in plan.problem and 'zfs destroy {}@mine'.format(
+        dst().name) in plan.problem
+    plan = plan_sync(src(S1, S2, S3, encrypted=True), dst(S1, S2, mine), rollback=True)
+    assert plan.steps[0] == RollbackStep(S2)
+
+
+def test_a_name_used_again_with_another_guid_is_refused_before_sending():
+    again = snap('s3', 9999, 25, written=0)     # @s3 on the destination is another one
+    plan = plan_sync(src(S1, S2, S3, S4), dst(S1, S2, again))
+    assert plan.action == 'diverged' and plan.steps == ()
+    assert plan.problem == (
+        '{0}@s3 is another snapshot than the source\'s @s3: their guids differ (9999 '
+        'here, 1003 on the source), so the name was used again; nothing was sent; '
+        'rename one of them, for example: zfs rename {0}@s3 {0}@s3-old'.format(dst().name))
+    # Sent without intermediates, @s3 stays behind on the source: no clash.
+    assert plan_sync(src(S1, S2, S3, S4), dst(S1, S2, again),
+                     intermediates=False).action == 'incremental'
+
+
+def test_a_clash_before_the_base_counts_too():
+    old, new = snap('dup', 9999, 5), snap('dup', 8888, 15)     # destroyed, made again
+    plan = plan_sync(src(S1, new, S2), dst(old, S1), rollback=True)
+    assert plan.action == 'diverged' and '(9999 here, 8888 on the source)' in plan.problem
+    # --rollback destroys a clash after the base: nothing is left to refuse.
+    plan = plan_sync(src(S1, S2, S3), dst(S1, snap('s2', 9999, 20)), rollback=True)
+    assert plan.steps[0] == RollbackStep(S1)
+
+
 def test_a_bookmark_keeps_the_chain_when_the_snapshot_is_gone():
     bm2 = snap('s2', S2.guid, S2.createtxg, bookmark=True)
     plan = plan_sync(src(S1, bm2, S3, S4), dst(S1, S2))

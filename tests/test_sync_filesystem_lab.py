@@ -184,6 +184,7 @@ def test_the_tool_bookmarks_the_base_so_a_lost_snapshot_breaks_no_chain(lab):
 def test_common_snapshot_and_bookmark_deleted_on_the_source(lab):
     src, dst = new_zvol(lab.pve1), new_destination()
     tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
+    lab.pve1.write_random(src, 1)       # the second snapshot holds a change
     time.sleep(1)
     tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=0)
     first, second = snapshots(lab.pve1, src)

@@ -134,8 +134,8 @@ def own_words(stderr: str, lines=3) -> str:
     one message over two), without zfs recv's hint on resuming by hand."""
     match = RESUME_HINT.search(stderr)
     text = stderr[:match.start()] if match else stderr
-    said = [line.strip() for line in text.splitlines() if line.strip()]
-    return ' '.join(said[-lines:])
+    said = [line for line in text.splitlines() if line.strip()]
+    return ' '.join(' '.join(said[-lines:]).split())
 
 
 # ==============================================================================
@@ -950,17 +950,36 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
               if proc.returncode != 0]
     for name, code, err in failed:
         log.debug('(exec) %s failed (%s): %s', name, exit_text(code), err)
-    # A stage that died writing into a broken pipe only shows that a later
-    # one ended first: killed by SIGPIPE it is left out, failing on EPIPE
-    # (as ssh does, after a moment) it comes after the others.
+    # A stage killed by a broken pipe only shows that a later one died first.
     failed = [f for f in failed if f[1] not in BROKEN_PIPE] or failed
-    failed.sort(key=lambda f: 'Broken pipe' in f[2])
+    failed.sort(key=_blame_rank)
     for _, _, errors in running:
         if errors:
             errors.close()
     if failed:
         raise CommandError(failed, output.decode(errors='replace'))
     return output.decode(errors='replace')
+
+
+# What a stage says when a neighbour ended before it: the one after it (a
+# broken pipe) or the one before it (its input ends mid-stream).
+NEIGHBOUR_ENDED = re.compile(r'broken pipe|unexpected end of file|premature end|incomplete stream|'
+                             r'unfinished stream', re.I)
+
+
+def _blame_rank(failure) -> int:
+    """Failures in the order they ended are sorted by this, stably: first
+    those killed by a signal and those that say why in words of their own,
+    then the silent ones (ssh exits 255 without a word when its output pipe
+    breaks), then those that only say a neighbour ended: an upstream stage
+    and the one reading from it may end within a millisecond of each other,
+    in either order."""
+    _, code, err = failure
+    if code < 0 or 128 < code <= 128 + 64:      # a remote shell reports 128 + signal
+        return 0
+    if NEIGHBOUR_ENDED.search(err):
+        return 2
+    return 0 if err.strip() else 1
 
 
 def _watch_exit(proc, index, ended) -> threading.Thread:
@@ -1097,7 +1116,8 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 PROPERTY_PREFIX = 'planb-pvesync:'
 RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
-                  'logicalreferenced', 'used', 'encryption', 'receive_resume_token',
+                  'logicalreferenced', 'used', 'encryption', 'keystatus', 'encryptionroot',
+                  'receive_resume_token',
                   *(PROPERTY_PREFIX + key for key in RECORDED_KEYS))
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
@@ -1129,6 +1149,8 @@ class Dataset:
     snapshots: Tuple[Snapshot, ...] = ()    # oldest first, bookmarks too
     used: int = 0                   # bytes, with its snapshots
     recorded: Dict[str, str] = dataclasses.field(default_factory=dict)  # RECORDED_KEYS
+    key_loaded: bool = True         # False: encrypted, and its key is not loaded
+    encryption_root: Optional[str] = None
 
 
 def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
@@ -1156,6 +1178,9 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
                 name=name, type=row['type'], written=_int(row['written']),
                 used=_int(row['used']),
                 encrypted=row['encryption'] not in ('off', '-', ''),
+                key_loaded=row['keystatus'] != 'unavailable',
+                encryption_root=None if row['encryptionroot'] in ('-', '') else
+                row['encryptionroot'],
                 resume_token=None if token in ('-', '') else token,
                 recorded={key: row[PROPERTY_PREFIX + key] for key in RECORDED_KEYS
                           if row[PROPERTY_PREFIX + key] not in ('-', '')})
@@ -1635,6 +1660,12 @@ class SyncError(PvesyncError):
     """This volume cannot be synced; the others go on."""
 
 
+class KeyNotLoaded(PvesyncError):
+    """Where the backups go is encrypted and its key is not loaded: nothing
+    can be received there, so the run stops before it snapshots anything."""
+    exit_code = EXIT_CANNOT_START
+
+
 def list_datasets(host, names: Sequence[str], depth=1) -> Dict[str, Dataset]:
     """One zfs list for all of `names`; the ones that do not exist are left out."""
     if not names:
@@ -1646,6 +1677,12 @@ def list_datasets(host, names: Sequence[str], depth=1) -> Dict[str, Dataset]:
         if lines and all(MISSING_DATASET.search(line) for line in lines):
             return parse_zfs_list(exc.stdout)
         raise
+
+
+def _ancestors(dataset: str) -> List[str]:
+    """'tank/enc/x' -> ['tank/enc', 'tank']: the nearest first."""
+    parts = dataset.split('/')
+    return ['/'.join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def snapshot_name(prefix: str, now: float) -> str:
@@ -1778,9 +1815,29 @@ class SyncRun:
         parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
         try:
             self.dst = list_datasets(self.dst_host, parents, depth=2)
+            self._check_keys(parents)
         except CommandError as exc:
             for job in jobs:
                 self._fail(job, 'cannot list the destination: {}'.format(exc))
+
+    def _check_keys(self, parents):
+        """Stop the run when the dataset that receives a backup (its parent,
+        or the nearest ancestor that exists) has no key loaded, as after a
+        reboot of this host. Ancestors are listed only for new parents."""
+        ancestors = sorted({a for p in parents if p not in self.dst
+                            for a in _ancestors(p)} - set(self.dst))
+        found = {**list_datasets(self.dst_host, ancestors, depth=0), **self.dst}
+        locked = []
+        for parent in parents:
+            nearest = next((found[name] for name in [parent, *_ancestors(parent)]
+                            if name in found), None)
+            if nearest and not nearest.key_loaded and nearest.encryption_root not in locked:
+                locked.append(nearest.encryption_root)
+        if locked:
+            raise KeyNotLoaded(
+                '{}: encryption key not loaded (was this host restarted?), so no backup '
+                'can be received there; nothing was done; load it: {}'.format(
+                    ', '.join(locked), '; '.join('zfs load-key ' + root for root in locked)))
 
     def _take_snapshots(self, jobs):
         """One zfs snapshot per source pool for every group that needs one:
@@ -2029,13 +2086,21 @@ class SyncRun:
                               self.opts.transfer, job.dst, estimate)
 
     def _resume_estimate(self, job, step) -> Optional[int]:
-        """Bytes still to send for a resume token; None when the token is stale."""
+        """Bytes still to send for a resume token; None when the token is stale.
+        A token is resumed only for the source it came from: it names what the
+        source sends, and a destination is no authority on that."""
         host = job.src_host
         try:
             out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', step.token))
         except CommandError as exc:
             log.info('%s: resume token unusable: %s', job.dst, exc)
             return None
+        named = re.search(r'^\s*toname = ([^@\n]*)@', out, re.M)
+        if named and named.group(1) != job.src:
+            raise SyncError(
+                'it holds a partial receive of {0}, not of its source {1}, so it is not '
+                'resumed (that would send {0}); if {1} is right, abort it: zfs recv -A '
+                '{2}'.format(named.group(1), job.src, job.dst))
         sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
         return int(sizes[-1]) if sizes else 0
 

@@ -128,6 +128,19 @@ def test_the_receiver_failing_while_the_sender_still_sends_is_the_cause():
                                   'stream: out of space; then relay failed (exit 255)')
 
 
+def test_a_stage_that_only_saw_its_input_end_is_not_the_cause():
+    """The source end closes its output, then takes a moment to report why
+    (as ssh does with a remote command's exit status); the decompressor reading
+    from it ends first, but only says its input ended."""
+    with pytest.raises(CommandError) as exc:
+        run_pipeline([Stage('pve1: zfs send | zstd', ['sh', '-c', 'exec >&-; sleep 0.3; '
+                                                      'echo "zstd Killed" >&2; exit 137']),
+                      Stage('zstd', ['sh', '-c', 'cat >/dev/null; echo "zstd: /*stdin*\\: '
+                                     'unexpected end of file" >&2; exit 1'])])
+    assert str(exc.value) == ('pve1: zfs send | zstd failed (exit 137): zstd Killed; '
+                              'then zstd failed (exit 1)')
+
+
 def test_a_stage_killed_by_a_signal_says_so():
     with pytest.raises(CommandError, match=r'^sleep failed \(killed by SIGKILL\): no error'):
         run_pipeline([Stage('sleep', ['sh', '-c', 'kill -KILL $$'])])

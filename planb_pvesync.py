@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -41,6 +42,7 @@ import proxmoxer.core
 import requests
 import requests.adapters
 import urllib3
+import urllib3.util
 
 __version__ = '0.2.0'
 
@@ -184,7 +186,8 @@ class ClusterConfig:
     token_secret: Optional[str] = None
     verify_ssl: bool = True
     ca_file: Optional[str] = None
-    fingerprint: Optional[str] = None   # SHA-256, 'AB:CD:...' as PVE shows it
+    fingerprints: Tuple[str, ...] = ()  # SHA-256, 'AB:CD:...' as PVE shows it; one per node
+    failover: Tuple[Tuple[str, int], ...] = ()     # other nodes' (host, port) to try
     timeout: int = DEFAULT_API_TIMEOUT
     ssh: SshSettings = SshSettings()
     keep_source: Optional[int] = DEFAULT_KEEP_SOURCE    # None: keep them all
@@ -226,7 +229,7 @@ class Config:
 
 
 SSH_KEYS = ('ssh_port', 'ssh_key', 'ssh_cipher', 'ssh_options')
-CLUSTER_KEYS = ('api', 'user', 'password', 'token', 'verify_ssl', 'ca_file',
+CLUSTER_KEYS = ('api', 'failover', 'user', 'password', 'token', 'verify_ssl', 'ca_file',
                 'fingerprint', 'timeout', 'ssh_user') + SSH_KEYS + (
                     'keep_source', 'keep_destination')
 STORAGE_KEYS = ('ssh',) + SSH_KEYS
@@ -303,6 +306,10 @@ def _parse_cluster(where, name, items) -> ClusterConfig:
         raise ConfigError('{}: missing key api=https://USER@REALM:PASSWORD@HOST'
                           '[:PORT]'.format(where))
     fields = parse_api_url(where, items['api'])
+    if 'failover' in items:
+        fields['failover'] = tuple(
+            _split_host_port(where, 'failover', word, fields['port'])
+            for word in re.split(r'[,\s]+', items['failover'].strip()) if word)
     if 'user' in items:
         fields['user'] = _parse_user(where, 'user', items['user'])
     if 'password' in items:
@@ -350,17 +357,17 @@ def parse_api_url(where: str, url: str) -> dict:
         fields['user'] = _parse_user(where, 'api', user)
         if colon:
             fields['password'] = password
-    host, port = _split_host_port(where, hostport)
+    host, port = _split_host_port(where, 'api', hostport)
     fields.update(host=host, port=port)
     return fields
 
 
-def _split_host_port(where, hostport):
+def _split_host_port(where, key, hostport, default_port=DEFAULT_API_PORT):
     match = re.fullmatch(r'(\[[0-9a-fA-F:.]+\]|[^:\[\]/]+)(?::(\d+))?', hostport)
     if not match:
-        raise ConfigError('{}: api= has a bad host {!r}; write HOST or '
-                          'HOST:PORT'.format(where, hostport))
-    return match.group(1), int(match.group(2) or DEFAULT_API_PORT)
+        raise ConfigError('{}: {}= has a bad host {!r}; write HOST or HOST:PORT'.format(
+            where, key, hostport))
+    return match.group(1), int(match.group(2) or default_port)
 
 
 def _parse_user(where, key, user):
@@ -387,12 +394,13 @@ def _parse_tls(where, items):
     if 'ca_file' in items:
         fields['ca_file'] = os.path.expanduser(items['ca_file'])
     if 'fingerprint' in items:
-        fingerprint = items['fingerprint'].strip().upper()
-        if not FINGERPRINT_RE.match(fingerprint):
-            raise ConfigError('{}: fingerprint= must be a SHA-256 fingerprint, 32 '
-                              'hex pairs joined by colons'.format(where))
-        fields['fingerprint'] = fingerprint
-    if sum(('ca_file' in fields, 'fingerprint' in fields,
+        fingerprints = tuple(re.split(r'[,\s]+', items['fingerprint'].strip().upper()))
+        if not all(FINGERPRINT_RE.match(fingerprint) for fingerprint in fingerprints):
+            raise ConfigError('{}: fingerprint= must be SHA-256 fingerprints, each 32 '
+                              'hex pairs joined by colons (one per node, separated by '
+                              'spaces)'.format(where))
+        fields['fingerprints'] = fingerprints
+    if sum(('ca_file' in fields, 'fingerprints' in fields,
             fields.get('verify_ssl') is False)) > 1:
         raise ConfigError('{}: choose one of verify_ssl=no, ca_file= and '
                           'fingerprint='.format(where))
@@ -612,24 +620,38 @@ def _natural_key(key):
     return (key.startswith('unused'), match.group(1), int(match.group(2) or 0))
 
 
+# Every request is safe to send again (a read, a login, a thaw) but a freeze:
+# a second one fails while the first holds, and then no thaw would follow.
+UNREPEATABLE = ('/fsfreeze-freeze',)
+API_RETRIES = 3                 # tries after the first, when it is safe
+API_BACKOFF = 0.5               # seconds: no wait, then 1 s, then 2 s
+API_RETRY_STATUS = (502, 503, 504)
+
+
 class PveApi:
     """A logged-in connection to a cluster's API.
 
     proxmoxer builds the paths and raises on errors; the session underneath
-    is ours, so that certificate pinning covers the login request too.
+    is ours: it pins certificates (the login request's too) and tries again
+    what is safe to repeat. When a host does not answer even so, the next one
+    of failover= takes its place for the rest of the run.
     """
 
     TICKET_RENEW_AFTER = 3600   # PVE tickets live two hours
 
     def __init__(self, cluster: ClusterConfig):
         self.cluster = cluster
-        self.base_url = 'https://{}:{}/api2/json'.format(cluster.host, cluster.port)
+        self.hosts = ['{}:{}'.format(host, port)
+                      for host, port in [(cluster.host, cluster.port), *cluster.failover]]
         self.calls = 0
         self._lock = threading.Lock()
-        self._session = _open_session(cluster)
-        self._root = proxmoxer.core.ProxmoxResource(
-            base_url=self.base_url, session=self._session,
-            serializer=proxmoxer.backends.https.JsonSerializer())
+        self._switch = threading.RLock()    # held while logging in or taking over
+        self._session = _ApiSession(cluster)
+        self._roots = [proxmoxer.core.ProxmoxResource(
+            base_url='https://{}/api2/json'.format(host), session=self._session,
+            serializer=proxmoxer.backends.https.JsonSerializer()) for host in self.hosts]
+        self._host = 0                      # the one in use, an index into hosts
+        self._passed = []                   # the hosts given up, and why
         self._ticket_time = None
         if cluster.token_id:
             self._session.headers['Authorization'] = 'PVEAPIToken={}!{}={}'.format(
@@ -650,28 +672,53 @@ class PveApi:
         self._session.headers['CSRFPreventionToken'] = answer['CSRFPreventionToken']
         self._ticket_time = time.monotonic()
 
+    def _ticket_due(self) -> bool:
+        return (self._ticket_time is not None and
+                time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER)
+
     def _call(self, method, path, args, login=False):
-        if (self._ticket_time and not login and
-                time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER):
-            with self._lock:
-                self._login()
+        if not login and self._ticket_due():
+            with self._switch:
+                if self._ticket_due():
+                    self._login()
         with self._lock:
             self.calls += 1
+            host = self._host
         log.debug('(api) %s /%s %s', method, path,
                   '' if login else ' '.join('{}={}'.format(*kv) for kv in args.items()))
-        resource = self._root(path)
+        resource = self._roots[host](path)
         try:
             if method == 'GET':
                 return resource.get(**args)
             return resource.post(**args)
         except proxmoxer.core.ResourceException as exc:
-            raise PveError(self._explain_status(method, path, exc, login),
+            raise PveError(self._explain_status(host, method, path, exc),
                            exc.status_code)
         except requests.exceptions.RequestException as exc:
-            raise PveError(self._explain_transport(exc))
+            if (_unanswered(exc) and not path.endswith(UNREPEATABLE)
+                    and self._take_over(host, exc, login)):
+                return self._call(method, path, args, login)
+            raise PveError(self._explain_transport(host, exc))
 
-    def _explain_status(self, method, path, exc, login):
-        where = '{}:{}'.format(self.cluster.host, self.cluster.port)
+    def _take_over(self, failed, exc, login) -> bool:
+        """Go on with the next host of failover= when host `failed` does not
+        answer (unless another thread did that already); False when there is
+        none left. With a password the new host first gets a login."""
+        with self._switch:
+            if self._host != failed:
+                return True
+            if failed + 1 == len(self.hosts):
+                return False
+            self._passed.append('{} ({})'.format(self.hosts[failed], _short_reason(exc)))
+            self._host = failed + 1
+            log.warning('%s does not answer (%s); going on with %s from failover=',
+                        self.hosts[failed], _short_reason(exc), self.hosts[failed + 1])
+            if self._ticket_time is not None and not login:
+                self._login()
+            return True
+
+    def _explain_status(self, host, method, path, exc):
+        where = self.hosts[host]
         said = (exc.content or exc.status_message or '').strip()
         section = '[pve:{}]'.format(self.cluster.name)
         if exc.status_code == 401:
@@ -688,61 +735,114 @@ class PveApi:
         return '{}: {} /{} failed: {} {}'.format(
             where, method, path, exc.status_code, said)
 
-    def _explain_transport(self, exc):
-        where = '{}:{}'.format(self.cluster.host, self.cluster.port)
+    def _explain_transport(self, host, exc):
+        where = self.hosts[host]
         section = '[pve:{}]'.format(self.cluster.name)
         if isinstance(exc, requests.exceptions.SSLError):
-            seen = _server_fingerprint(self.cluster.host, self.cluster.port)
+            # With failover= each node shows its own certificate: pin them all.
+            pins = self.cluster.fingerprints if self.cluster.failover else ()
+            seen = _server_fingerprint(*where.rsplit(':', 1))
             return ('{}: its TLS certificate is not trusted ({}); if that is your '
                     'cluster, pin it in {}: fingerprint={}'.format(
-                        where, _short_reason(exc), section, seen))
-        if isinstance(exc, requests.exceptions.Timeout):
-            return ('{}: no answer within {} s; check the address in {} and the '
-                    'firewall, or raise timeout='.format(
-                        where, self.cluster.timeout, section))
-        return '{}: cannot connect ({}); check api= in {}'.format(
-            where, _short_reason(exc), section)
+                        where, _short_reason(exc), section, ' '.join(pins + (seen,))))
+        keys = 'api= and failover=' if self.cluster.failover else 'api='
+        if isinstance(exc, requests.exceptions.Timeout) or 'timed out' in str(exc):
+            problem = ('no answer within {} s; check {} in {} and the firewall, or '
+                       'raise timeout='.format(self.cluster.timeout, keys, section))
+        else:
+            problem = 'cannot connect ({}); check {} in {}'.format(
+                _short_reason(exc), keys, section)
+        tried = '; tried before: ' + ', '.join(self._passed) if self._passed else ''
+        return '{}: {}{}'.format(where, problem, tried)
 
 
-def _open_session(cluster: ClusterConfig) -> 'requests.Session':
-    session = _ApiSession(cluster.timeout)
-    if cluster.fingerprint:
-        session.verify = False      # the adapter checks the fingerprint instead
-        session.mount('https://', _PinnedAdapter(cluster.fingerprint))
-    elif cluster.ca_file:
-        session.verify = cluster.ca_file
-    else:
-        session.verify = cluster.verify_ssl
-    if session.verify is False:
-        warnings.filterwarnings(
-            'ignore', category=urllib3.exceptions.InsecureRequestWarning)
-    return session
+def _unanswered(exc) -> bool:
+    """The host did not answer (even when asked again): another may."""
+    return (isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+            and not isinstance(exc, requests.exceptions.SSLError))
 
 
 class _ApiSession(requests.Session):
     """A session with a time-out on every request (proxmoxer sets none), whose
-    own `verify` wins over REQUESTS_CA_BUNDLE in the environment."""
+    own `verify` wins over REQUESTS_CA_BUNDLE in the environment. Its adapters
+    try again what is safe to repeat, and with fingerprint= accept only a
+    pinned certificate."""
 
-    def __init__(self, timeout):
+    def __init__(self, cluster: ClusterConfig):
         super().__init__()
-        self.timeout = timeout
+        self.timeout = cluster.timeout
+        self.pins = cluster.fingerprints
+        # With pins the adapter checks the certificate instead.
+        self.verify = False if self.pins else cluster.ca_file or cluster.verify_ssl
+        if self.verify is False:
+            warnings.filterwarnings(
+                'ignore', category=urllib3.exceptions.InsecureRequestWarning)
+        self._adapters = {}     # (host:port, safe to repeat) -> _ApiAdapter
+        self._adapters_lock = threading.Lock()
 
     def request(self, *args, **kwargs):
         kwargs.setdefault('timeout', self.timeout)
         kwargs.setdefault('verify', self.verify)
         return super().request(*args, **kwargs)
 
+    def get_adapter(self, url):
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.netloc, not parts.path.endswith(UNREPEATABLE))
+        with self._adapters_lock:
+            if key not in self._adapters:
+                self._adapters[key] = _ApiAdapter(_api_retry(key[1]), self._pin(parts))
+            return self._adapters[key]
 
-class _PinnedAdapter(requests.adapters.HTTPAdapter):
-    """Accepts exactly the certificate with this SHA-256 fingerprint."""
+    def _pin(self, parts) -> Optional[str]:
+        """The fingerprint this host must show. With one per node: the one it
+        shows, if pinned; else the first, and the connection fails on that."""
+        if len(self.pins) < 2:
+            return self.pins[0] if self.pins else None
+        seen = _server_fingerprint(parts.hostname, parts.port)
+        return seen if seen in self.pins else self.pins[0]
 
-    def __init__(self, fingerprint):
-        self.fingerprint = fingerprint.replace(':', '').lower()
-        super().__init__(pool_maxsize=CONFIG_WORKERS)
+    def close(self):
+        for adapter in self._adapters.values():
+            adapter.close()
+        super().close()
+
+
+class _ApiAdapter(requests.adapters.HTTPAdapter):
+    """Tries again as `retry` says; with a fingerprint, accepts exactly the
+    certificate with that SHA-256 fingerprint."""
+
+    def __init__(self, retry, fingerprint=None):
+        self.fingerprint = fingerprint.replace(':', '').lower() if fingerprint else None
+        super().__init__(pool_maxsize=CONFIG_WORKERS, max_retries=retry)
 
     def init_poolmanager(self, *args, **kwargs):
-        kwargs['assert_fingerprint'] = self.fingerprint
+        if self.fingerprint:
+            kwargs['assert_fingerprint'] = self.fingerprint
         super().init_poolmanager(*args, **kwargs)
+
+
+class _ApiRetry(urllib3.util.Retry):
+    """urllib3's Retry, saying each new try with -v."""
+
+    def increment(self, method=None, url=None, response=None, error=None, **kwargs):
+        retry = super().increment(method, url, response, error, **kwargs)
+        why = (_short_reason(error) if error is not None
+               else '{} {}'.format(response.status, response.reason))
+        wait = retry.get_backoff_time()
+        log.info('(api) %s %s: %s; trying again %s (%d of %d)', method, url, why,
+                 'in {:.0f} s'.format(wait) if wait else 'at once', len(retry.history),
+                 API_RETRIES)
+        return retry
+
+
+def _api_retry(repeatable: bool) -> _ApiRetry:
+    """A connection that could not be made is tried again always; a request
+    whose answer was lost, or that got 502, 503 or 504, only when it is safe
+    to send twice. Anything else (a certificate refused) is not."""
+    again = API_RETRIES if repeatable else 0
+    return _ApiRetry(total=API_RETRIES, connect=API_RETRIES, read=again, status=again,
+                     other=0, backoff_factor=API_BACKOFF, status_forcelist=API_RETRY_STATUS,
+                     allowed_methods=frozenset({'GET', 'POST'}), raise_on_status=False)
 
 
 def _server_fingerprint(host, port) -> str:
@@ -758,8 +858,10 @@ def _server_fingerprint(host, port) -> str:
 def _short_reason(exc) -> str:
     """The innermost reason of a requests/urllib3 error, on one line."""
     text = str(exc)
-    for pattern in (r"Fingerprints did not match[^'\")]*", r'\[SSL[^\]]*\][^'"'"'")]*',
-                    r'\[Errno[^\]]*\][^'"'"'")]*', r'Name or service not known'):
+    for pattern in (r'Fingerprints did not match', r'\[SSL[^\]]*\][^'"'"'")]*',
+                    r'\[Errno[^\]]*\][^'"'"'")]*', r'Name or service not known',
+                    r'Remote end closed connection without response',
+                    r'(Read|Connection to \S+) timed out'):
         match = re.search(pattern, text)
         if match:
             return match.group(0).strip().rstrip('.')
@@ -2708,7 +2810,14 @@ def guest_freezer(api: PveApi, guests: Sequence[PveGuest]):
             yield
             return
         path = 'nodes/{}/qemu/{}/agent/'.format(guest.node, guest.vmid)
-        api.post(path + 'fsfreeze-freeze')
+        try:
+            api.post(path + 'fsfreeze-freeze')
+        except PveError:
+            # Only its answer may have been lost: thaw, which does no harm
+            # when nothing is frozen.
+            with contextlib.suppress(PveError):
+                api.post(path + 'fsfreeze-thaw')
+            raise
         try:
             yield
         finally:

@@ -9,6 +9,11 @@ message in the HTTP status line, tickets, CSRF tokens and API tokens.
                           [--cert-dir DIR] [--latency SECONDS]
     with PveDouble('cluster.json') as pve: ... pve.url, pve.cert_file, pve.calls
 
+Faults on demand, as a cluster under load shows them: pve.drop(N) handles the
+next N requests but closes their connections without an answer; pve.hang()
+leaves every request unanswered (and undone) until pve.answer(); pve.stop()
+refuses connections, as a node whose pveproxy is down.
+
 The fixture is read again whenever the file changes; replace it at once (see
 write_fixture) so that no request reads half of it. Its keys:
 
@@ -836,9 +841,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     timeout = 60
 
     def do_GET(self):
+        faults = self.server.faults
+        faults.wait_until_answering()
         length = int(self.headers.get('Content-Length') or 0)
         reply = self.server.api.handle(self.command, self.path, self.headers,
                                        self.rfile.read(length))
+        if faults.take_drop():
+            self.close_connection = True        # done, but the answer is lost
+            return
         self.send_response(reply.status, status_text(reply.reason))
         if reply.body:
             self.send_header('Content-Type', 'application/json;charset=UTF-8')
@@ -859,14 +869,44 @@ def status_text(message):
     return line.encode('latin-1', 'replace').decode('latin-1')
 
 
+class Faults:
+    """Connections dropped after their request was handled, or no answers at all."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._drops = 0
+        self._answering = threading.Event()
+        self._answering.set()
+
+    def drop(self, count):
+        with self._lock:
+            self._drops += count
+
+    def take_drop(self) -> bool:
+        with self._lock:
+            if not self._drops:
+                return False
+            self._drops -= 1
+            return True
+
+    def hang(self):
+        self._answering.clear()
+
+    def answer(self):
+        self._answering.set()
+
+    def wait_until_answering(self):
+        self._answering.wait()
+
+
 class _TlsServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address, api, tls):
+    def __init__(self, address, api, tls, faults):
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
-        self.api, self.tls = api, tls
+        self.api, self.tls, self.faults = api, tls, faults
         super().__init__(address, _Handler)
 
     def finish_request(self, request, client_address):
@@ -937,6 +977,7 @@ class PveDouble:
         self.host, self.port = host, port
         self.cert_file = self.fingerprint = None
         self._api = Api(fixture_path, latency, on_call)
+        self._faults = Faults()
         self._cert_dir = cert_dir
         self._temporary = self._server = None
 
@@ -958,6 +999,18 @@ class PveDouble:
         """The vmids whose file systems are frozen now."""
         return self._api.agents.frozen
 
+    def drop(self, count=1):
+        """Handle the next `count` requests, but close their connections
+        without an answer."""
+        self._faults.drop(count)
+
+    def hang(self):
+        """Answer nothing, and do nothing, until answer()."""
+        self._faults.hang()
+
+    def answer(self):
+        self._faults.answer()
+
     def start(self):
         cert_dir = self._cert_dir
         if cert_dir is None:
@@ -968,13 +1021,14 @@ class PveDouble:
         self.fingerprint = self._api.fingerprint = certificate_fingerprint(self.cert_file)
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(self.cert_file, key_file)
-        self._server = _TlsServer((self.host, self.port), self._api, tls)
+        self._server = _TlsServer((self.host, self.port), self._api, tls, self._faults)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, args=(0.05,),
                          name='pve-double', daemon=True).start()
         return self
 
     def stop(self):
+        self._faults.answer()
         if self._server:
             self._server.shutdown()
             self._server.server_close()

@@ -58,7 +58,11 @@ def test_token():
 @pytest.mark.parametrize('extra, field, value', [
     ('verify_ssl=no', 'verify_ssl', False),
     ('ca_file=/etc/pve-root-ca.pem', 'ca_file', '/etc/pve-root-ca.pem'),
-    ('fingerprint=' + FINGERPRINT.lower(), 'fingerprint', FINGERPRINT),
+    ('fingerprint=' + FINGERPRINT.lower(), 'fingerprints', (FINGERPRINT,)),
+    ('fingerprint={0}, {1} {0}'.format(FINGERPRINT, FINGERPRINT.replace('A', 'B')),
+     'fingerprints', (FINGERPRINT, FINGERPRINT.replace('A', 'B'), FINGERPRINT)),
+    ('failover=pve2, 10.0.0.3:8007 [fd00::4]', 'failover',
+     (('pve2', 8006), ('10.0.0.3', 8007), ('[fd00::4]', 8006))),
     ('timeout=30', 'timeout', 30),
 ])
 def test_tls_and_timeout(extra, field, value):
@@ -102,7 +106,8 @@ ssh_options=-o Compression=no
     ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=maybe\n', ['yes or no']),
     ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=no\nca_file=/x\n', ['choose one']),
     ('[pve:c]\napi=https://u@pve:p@h\n[pve:c]\napi=https://u@pve:p@h\n', ['already exists']),
-    ('[pve:c]\napi=https://u@pve:p@h:99999x\n', ['bad host']),
+    ('[pve:c]\napi=https://u@pve:p@h:99999x\n', ['api= has a bad host']),
+    ('[pve:c]\napi=https://u@pve:p@h\nfailover=pve2/x\n', ['failover= has a bad host']),
     ('[storage:x:local]\nssh=a@b\n', ["cluster 'x'"]),
     ('[pve:c]\napi=https://u@pve:p@h\n[storage:c:local]\n', ['missing key ssh']),
     ('[pve:c]\napi=https://u@pve:p@h\n[storage:c:local@]\nssh=a@b\n', ['STORAGE@NODE']),

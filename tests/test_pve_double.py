@@ -634,6 +634,34 @@ def test_calls_are_recorded(own_pve):
     assert double.calls == []
 
 
+def test_dropped_connections_are_handled_but_not_answered(own_pve):
+    double, _ = own_pve
+    client = token_client(double)
+    double.drop(2)
+    for _ in range(2):
+        with pytest.raises(http.client.RemoteDisconnected):
+            client.get('/version')
+    assert data(client.get('/version'))['release'] == '9.1'
+    assert double.calls == [('GET', '/version')] * 3
+
+
+def test_a_hanging_double_answers_nothing_until_told(own_pve):
+    double, _ = own_pve
+    double.hang()
+    connection = http.client.HTTPSConnection(
+        '127.0.0.1', double.port, context=ssl.create_default_context(cafile=double.cert_file),
+        timeout=0.5)
+    try:
+        connection.request('GET', '/api2/json/version')
+        with pytest.raises(TimeoutError):
+            connection.getresponse()
+    finally:
+        connection.close()
+    assert double.calls == []
+    double.answer()
+    assert token_client(double).get('/version').status == 200
+
+
 def test_latency_is_added_to_concurrent_requests(cert_dir):
     with PveDouble(DEFAULT_FIXTURE, latency=0.2, cert_dir=cert_dir) as double:
         client = token_client(double)

@@ -1064,9 +1064,10 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
 
 
 # What a stage says when a neighbour ended before it: the one after it (a
-# broken pipe) or the one before it (its input ends mid-stream).
-NEIGHBOUR_ENDED = re.compile(r'broken pipe|unexpected end of file|premature end|incomplete stream|'
-                             r'unfinished stream', re.I)
+# broken pipe; not ssh's network connection breaking, which it words so too)
+# or the one before it (its input ends mid-stream).
+NEIGHBOUR_ENDED = re.compile(r'^(?!.*(disconnect|connection to)).*broken pipe|unexpected end of '
+                             r'file|premature end|incomplete stream|unfinished stream', re.I | re.M)
 
 
 def _blame_rank(failure) -> int:

@@ -128,17 +128,21 @@ def test_the_receiver_failing_while_the_sender_still_sends_is_the_cause():
                                   'stream: out of space; then relay failed (exit 255)')
 
 
-def test_a_stage_that_only_saw_its_input_end_is_not_the_cause():
+@pytest.mark.parametrize('said, code', [
+    ('bash: line 1: 1186 Killed | zstd -3 -T0 -q -c', 137),
+    ('client_loop: send disconnect: Broken pipe', 255)])
+def test_a_stage_that_only_saw_its_input_end_is_not_the_cause(said, code):
     """The source end closes its output, then takes a moment to report why
-    (as ssh does with a remote command's exit status); the decompressor reading
-    from it ends first, but only says its input ended."""
+    (as ssh does with a remote command's exit status, or a link that broke);
+    the decompressor reading from it ends first, but only says its input
+    ended."""
     with pytest.raises(CommandError) as exc:
-        run_pipeline([Stage('pve1: zfs send | zstd', ['sh', '-c', 'exec >&-; sleep 0.3; '
-                                                      'echo "zstd Killed" >&2; exit 137']),
+        run_pipeline([Stage('pve1: zfs send | zstd', ['sh', '-c', 'exec >&-; sleep 0.3; echo '
+                                                      '"$0" >&2; exit $1', said, str(code)]),
                       Stage('zstd', ['sh', '-c', 'cat >/dev/null; echo "zstd: /*stdin*\\: '
                                      'unexpected end of file" >&2; exit 1'])])
-    assert str(exc.value) == ('pve1: zfs send | zstd failed (exit 137): zstd Killed; '
-                              'then zstd failed (exit 1)')
+    assert str(exc.value) == ('pve1: zfs send | zstd failed (exit {}): {}; then zstd failed '
+                              '(exit 1)'.format(code, said))
 
 
 def test_a_stage_killed_by_a_signal_says_so():

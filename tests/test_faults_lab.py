@@ -189,14 +189,14 @@ def test_out_of_space_then_a_locked_key_then_resume(lab_):
     lab_.backup.run('head -c 32 /dev/urandom > {0} && zfs create -o encryption=aes-256-gcm '
                     '-o keyformat=raw -o keylocation=file://{0} -o mountpoint=none {1}'
                     .format(KEYED_ROOT_KEY, KEYED_ROOT))
-    src = new_zvol(lab_, mib=8)
+    src = new_zvol(lab_, mib=4)
     dst = destination(src, KEYED_ROOT)
     sync(lab_, src, dst)
     free = int(lab_.backup.zfs('get -H -p -o value available ' + KEYED_ROOT))
     lab_.backup.zfs('create -o mountpoint=none -o refreservation={} tank/faults-hog'.format(
         free - (2 << 20)))
     try:
-        changed(lab_, src, mib=6)
+        changed(lab_, src, mib=4)
         done = sync(lab_, src, dst, check=1)
     finally:
         lab_.backup.zfs('destroy tank/faults-hog')
@@ -227,15 +227,15 @@ def test_a_compressor_that_dies_mid_stream_is_named_first(lab_):
     reader is gone ends; nothing hangs), and syncoid tests/syncoid/
     005_reset_resume_state (the transfer's processes killed mid-stream; the
     next run carries on; syncoid's --no-resume is not ours: we always resume)."""
-    src = new_zvol(lab_, mib=16)
+    src = new_zvol(lab_, mib=8)
     dst = destination(src)
     log = '/tmp/faults-compressor.log'
-    lab_.backup.run('nohup planb-pvesync sync-filesystem --bwlimit 2M {} {} >{} 2>&1 '
+    lab_.backup.run('nohup planb-pvesync sync-filesystem --bwlimit 1M {} {} >{} 2>&1 '
                     '</dev/null &'.format(shlex.quote('planb@pve1:' + src), dst, log),
                     user='planb')
     wait_until(lambda: lab_.pve1.run('pgrep -u planb -x zstd', check=False).returncode == 0
                and lab_.backup.run('pgrep -f "zfs recv -s"', check=False).returncode == 0)
-    time.sleep(2)
+    time.sleep(1)
     lab_.pve1.run('pkill -KILL -u planb -x zstd')
     wait_until(lambda: lab_.backup.run('pgrep -f planb_pvesync.py',
                                        check=False).returncode != 0)

@@ -502,6 +502,7 @@ class PveGuest:
     volumes: Optional[Tuple[PveVolume, ...]] = None   # None: not read (yet)
     note: Optional[str] = None      # why the volumes are unknown
     agent: bool = False             # the QEMU guest agent is enabled
+    config: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -856,7 +857,7 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
                                    guest.vmid, guest.label, guest.node))
             raise
         return dataclasses.replace(
-            guest, agent=_agent_enabled(config.get('agent')),
+            guest, agent=_agent_enabled(config.get('agent')), config=config,
             volumes=parse_guest_volumes(guest.type, config, cluster.storages))
 
     with ThreadPoolExecutor(max_workers=CONFIG_WORKERS) as pool:
@@ -1051,7 +1052,8 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 PROPERTY_PREFIX = 'planb-pvesync:'
 RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
-                  'logicalreferenced', 'used', 'encryption', 'receive_resume_token',
+                  'logicalreferenced', 'used', 'encryption', 'encryptionroot',
+                  'receive_resume_token', 'clones',
                   *(PROPERTY_PREFIX + key for key in RECORDED_KEYS))
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
@@ -1067,6 +1069,7 @@ class Snapshot:
     written: int = 0                # bytes since the previous snapshot
     size: int = 0                   # logicalreferenced: a full stream's size
     bookmark: bool = False
+    cloned: bool = False            # a clone depends on it (a mounted restore point)
 
     @property
     def ref(self) -> str:
@@ -1079,6 +1082,7 @@ class Dataset:
     type: str                       # filesystem or volume
     written: int = 0                # bytes changed since the newest snapshot
     encrypted: bool = False
+    encryption_root: Optional[str] = None   # the dataset whose key this one uses
     resume_token: Optional[str] = None
     snapshots: Tuple[Snapshot, ...] = ()    # oldest first, bookmarks too
     used: int = 0                   # bytes, with its snapshots
@@ -1103,19 +1107,30 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
                 name=short, guid=int(row['guid']), createtxg=int(row['createtxg']),
                 creation=_int(row['creation']), written=_int(row['written']),
                 size=_int(row['logicalreferenced']),
-                bookmark=row['type'] == 'bookmark'))
+                bookmark=row['type'] == 'bookmark', cloned=row['clones'] not in ('-', '')))
         else:
             token = row['receive_resume_token']
             fields[name] = dict(
                 name=name, type=row['type'], written=_int(row['written']),
                 used=_int(row['used']),
                 encrypted=row['encryption'] not in ('off', '-', ''),
+                encryption_root=None if row['encryptionroot'] in ('-', '') else row['encryptionroot'],
                 resume_token=None if token in ('-', '') else token,
                 recorded={key: row[PROPERTY_PREFIX + key] for key in RECORDED_KEYS
                           if row[PROPERTY_PREFIX + key] not in ('-', '')})
     return {name: Dataset(snapshots=tuple(sorted(
         points.get(name, ()), key=lambda s: (s.createtxg, s.bookmark))), **f)
         for name, f in fields.items()}
+
+
+def up_to(dataset: Dataset, name: Optional[str]) -> Dataset:
+    """`dataset` as it was at its snapshot `name`: what came later left out
+    (None: all of it)."""
+    if name is None:
+        return dataset
+    cut = next(s for s in dataset.snapshots if not s.bookmark and s.name == name)
+    return dataclasses.replace(dataset, written=0, snapshots=tuple(
+        s for s in dataset.snapshots if s.createtxg <= cut.createtxg))
 
 
 def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
@@ -1326,8 +1341,9 @@ def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now
                    foreign: bool = False) -> List[Snapshot]:
     """The backup's snapshots to destroy, oldest first: those no rule keeps.
 
-    Never the newest, a protected one (by guid) or a bookmark; others' snapshots
-    only with `foreign`, going by their `creation`. Because a period rule keeps
+    Never the newest, a protected one (by guid), one a clone depends on (a
+    mounted restore point) or a bookmark; others' snapshots only with
+    `foreign`, going by their `creation`. Because a period rule keeps
     the oldest snapshot of each bucket, thinning the survivors again at the same
     `now` destroys nothing."""
     snaps = [s for s in snapshots if not s.bookmark]
@@ -1342,7 +1358,8 @@ def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now
         if when is not None:
             times[snap] = when
     kept = _kept_by_rules(times, rules, now)
-    doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect]
+    doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect
+              and not s.cloned]
     return sorted(doomed, key=lambda s: s.createtxg)
 
 
@@ -1374,11 +1391,12 @@ def _bucket(period, when):
 def prune_source(snapshots: Sequence[Snapshot], keep: int, prefix: str,
                  protect: Collection[int] = ()) -> List[Snapshot]:
     """The tool's own snapshots to destroy on the source, oldest first: all but
-    the newest `keep`, and never a protected one (by guid)."""
+    the newest `keep`, and never a protected one (by guid) or one a clone
+    depends on."""
     if keep < 1:
         raise ValueError('keep at least 1 snapshot on the source, not {}'.format(keep))
     own = sorted((s for s in snapshots if _is_own(s, prefix)), key=lambda s: s.createtxg)
-    return [s for s in own[:-keep] if s.guid not in protect]
+    return [s for s in own[:-keep] if s.guid not in protect and not s.cloned]
 
 
 def bookmark_changes(src: Dataset, base: Optional[int],
@@ -1422,47 +1440,52 @@ class TransferOptions:
     bwlimit: Optional[str] = None   # bytes per second, e.g. '20M' (pv -L)
 
 
-def transfer_commands(opts: TransferOptions, src_remote: bool) -> Tuple[list, list]:
-    """The commands around zfs send and zfs recv: (source side, this side)."""
-    pair = COMPRESSORS[opts.compress] if src_remote else None
-    src_side = [pair[0]] if pair else []
-    dst_side = [pair[1]] if pair else []
+def transfer_commands(opts: TransferOptions, remote: bool) -> Tuple[list, list]:
+    """The commands around zfs send and zfs recv, (sending side, receiving
+    side): compression where the stream crosses ssh, mbuffer where it lands."""
+    pair = COMPRESSORS[opts.compress] if remote else None
+    send_side = [pair[0]] if pair else []
+    recv_side = [pair[1]] if pair else []
     if opts.mbuffer:
-        dst_side.append(['mbuffer', '-q', '-s', '128k', '-m', opts.mbuffer])
-    return src_side, dst_side
+        recv_side.append(['mbuffer', '-q', '-s', '128k', '-m', opts.mbuffer])
+    return send_side, recv_side
 
 
-def send_args(step, src: Dataset) -> List[str]:
-    """The arguments of zfs send for one step."""
+def send_args(step, src: Dataset, raw: bool) -> List[str]:
+    """The arguments of zfs send for one step; `raw` keeps an encrypted
+    dataset's blocks encrypted (-w)."""
     if isinstance(step, ResumeStep):
         return ['send', '-t', step.token]
     # Large and compressed blocks as they are on disk; no -e: an encrypted
     # destination (tank/enc) cannot receive embedded blocks.
-    flags = ['-w'] if src.encrypted else ['-L', '-c']
+    flags = ['-w'] if raw else ['-L', '-c']
     if step.base is not None:
         flags += ['-I' if step.intermediates else '-i', src.name + step.base.ref]
     return ['send', *flags, src.name + step.snapshot.ref]
 
 
-def recv_args(dst: str, props: Dict[str, str], filesystem: bool) -> List[str]:
-    """zfs recv: resumable (-s), never mounted (-u), recording `props`."""
-    args = ['recv', '-s', '-u', '-v']
-    if filesystem:
-        args += ['-o', 'canmount=noauto']
+def recv_args(dst: str, props: Dict[str, str], mount: bool = False) -> List[str]:
+    """zfs recv: resumable (-s), setting `props`, and not mounted (-u) unless
+    `mount`."""
+    args = ['recv', '-s'] + ([] if mount else ['-u']) + ['-v']
     for key, value in sorted(props.items()):
-        args += ['-o', '{}{}={}'.format(PROPERTY_PREFIX, key, value)]
+        args += ['-o', '{}={}'.format(key, value)]
     return args + [dst]
 
 
 def build_transfer(src_host, dst_host, send: List[str], recv: List[str],
                    opts: TransferOptions, label: str, estimate: int) -> List[Stage]:
-    src_side, dst_side = transfer_commands(opts, src_host.is_remote)
-    stages = src_host.stages([src_host.zfs(*send)] + src_side)
-    stages += [Stage(_command_name(cmd), cmd) for cmd in dst_side]
-    if opts.progress or opts.bwlimit:
-        stages.append(pv_stage(opts, label, estimate))
-    recv_cmd = dst_host.zfs(*recv)
-    return stages + [Stage(_command_name(recv_cmd), recv_cmd)]
+    """zfs send on `src_host` piped into zfs recv on `dst_host`, one of them
+    this machine: a pull (a backup) or a push (a restore). pv runs here,
+    beside the local zfs, where the stream is not compressed."""
+    send_side, recv_side = transfer_commands(
+        opts, src_host.is_remote or dst_host.is_remote)
+    sending = src_host.stages([src_host.zfs(*send)] + send_side)
+    receiving = dst_host.stages(recv_side + [dst_host.zfs(*recv)])
+    pv = [pv_stage(opts, label, estimate)] if opts.progress or opts.bwlimit else []
+    if src_host.is_remote:
+        return sending + receiving[:-1] + pv + receiving[-1:]
+    return sending[:1] + pv + sending[1:] + receiving
 
 
 def pv_stage(opts: TransferOptions, label: str, estimate: int) -> Stage:
@@ -1475,11 +1498,13 @@ def pv_stage(opts: TransferOptions, label: str, estimate: int) -> Stage:
     return Stage('pv', argv, show_stderr=opts.progress)
 
 
-def needed_commands(opts: TransferOptions) -> Tuple[List[str], List[str]]:
-    """The programs each side needs for a transfer: (source, this side)."""
-    src_side, dst_side = transfer_commands(opts, True)
-    here = [cmd[0] for cmd in dst_side] + (['pv'] if opts.progress or opts.bwlimit else [])
-    return [cmd[0] for cmd in src_side], here
+def transfer_programs(opts: TransferOptions, src_host, dst_host) -> List[Tuple[object, List[str]]]:
+    """The programs besides zfs that each side of a transfer runs: [(host, names)]."""
+    send_side, recv_side = transfer_commands(
+        opts, src_host.is_remote or dst_host.is_remote)
+    pv = ['pv'] if opts.progress or opts.bwlimit else []
+    return [(src_host, [cmd[0] for cmd in send_side] + ([] if src_host.is_remote else pv)),
+            (dst_host, [cmd[0] for cmd in recv_side] + (pv if src_host.is_remote else []))]
 
 
 def pipeline_text(stages: Sequence[Stage]) -> str:
@@ -1497,11 +1522,18 @@ MISSING_DATASET = re.compile(r"cannot open '[^']*': dataset does not exist")
 
 @dataclasses.dataclass(frozen=True)
 class SyncJob:
+    """One dataset to bring up to date: from `src` on `src_host` to `dst` on
+    the run's destination host (here for a backup, a node for a restore)."""
     src_host: object                # LocalHost or SshHost
     src: str                        # the source dataset
-    dst: str                        # the destination dataset, here
+    dst: str                        # the destination dataset
     group: str = ''                 # jobs of one group are snapshotted at once
     props: Tuple[Tuple[str, str], ...] = ()     # recorded on the destination
+    snapshot_props: Tuple[Tuple[str, str], ...] = ()    # on each snapshot it brings
+    until: Optional[str] = None     # the snapshot to sync to; None: the newest
+    receive_props: Tuple[Tuple[str, str], ...] = ()     # ZFS properties, set on receive
+    mount: bool = False             # mount a received filesystem
+    raw: Optional[bool] = None      # send -w; None: when the source is encrypted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1521,6 +1553,7 @@ class SyncOptions:
     keep_source: Optional[int] = DEFAULT_KEEP_SOURCE    # None: keep them all
     keep_destination: Tuple = ()    # KeepRules; (): keep them all
     thin_foreign: bool = False      # thin snapshots the tool did not make too
+    bookmarks: bool = True          # bookmark the base on the source, drop older ones
 
 
 @dataclasses.dataclass
@@ -1672,10 +1705,12 @@ class SyncRun:
                 self._fail(job, 'cannot list its source: {}'.format(exc))
             return
         for job in jobs:
-            if job.src in found:
-                self.src[(host.name, job.src)] = found[job.src]
-            else:
+            if job.src not in found:
                 self._fail(job, 'source {} does not exist on {}'.format(job.src, host.name))
+            elif job.until and not any(s.name == job.until for s in found[job.src].snapshots):
+                self._fail(job, 'source {} has no snapshot @{}'.format(job.src, job.until))
+            else:
+                self.src[(host.name, job.src)] = up_to(found[job.src], job.until)
 
     def _read_destinations(self, jobs):
         parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
@@ -1751,26 +1786,23 @@ class SyncRun:
         return True
 
     def _check_programs(self, jobs):
-        src_needs, here_needs = needed_commands(self.opts.transfer)
-        missing_here = self.dst_host.missing_commands(here_needs)
-
-        def check(host, host_jobs):
-            try:
-                missing = (host.missing_commands(src_needs)
-                           if host.is_remote and src_needs else [])
-            except CommandError as exc:
-                missing, problem = [], 'cannot reach it: {}'.format(exc)
-            else:
-                problem = None
-            gaps = ['{} on {}'.format(c, host.name) for c in missing] + \
-                ['{} on {}'.format(c, self.dst_host.name) for c in missing_here]
-            if gaps:
-                problem = ('not installed: {}; install it or choose another '
-                           '--compress'.format(', '.join(gaps)))
-            for job in host_jobs:
-                if problem:
-                    self._fail(job, problem)
-        each_host(jobs, check)
+        """Each host has the programs its side of the transfers runs: one
+        check per host, the hosts side by side."""
+        wanted = {}     # host name -> (host, programs)
+        for job in jobs:
+            for host, programs in transfer_programs(self.opts.transfer, job.src_host,
+                                                    self.dst_host):
+                wanted.setdefault(host.name, (host, set()))[1].update(programs)
+        problems = dict(zip(wanted, side_by_side(lambda item: _missing_programs(*item),
+                                                 wanted.values())))
+        for job in jobs:
+            reasons = problems[job.src_host.name] + problems[self.dst_host.name]
+            unreachable = [r for r in reasons if r.startswith('cannot reach')]
+            if unreachable:
+                self._fail(job, unreachable[0])
+            elif reasons:
+                self._fail(job, 'not installed: {}; install it or choose another '
+                                '--compress'.format(', '.join(reasons)))
 
     def _sync_all(self, jobs):
         """Job after job, or with --jobs in lanes side by side: a lane is a
@@ -1817,6 +1849,8 @@ class SyncRun:
             try:
                 result.detail += ''.join(
                     ', ' + note for note in self._record_origin(job, before, dst))
+                if done and job.snapshot_props:
+                    self._record_with_snapshot(job, newest)
                 self._apply_retention(job, src, dst, result)
             except CommandError as exc:     # the backup itself is fine
                 log.warning('%s: after the sync: %s', job.dst, exc)
@@ -1836,13 +1870,22 @@ class SyncRun:
                 for key, value in job.props
                 if key in ('node', 'storage') and old.get(key, value) != value]
 
+    def _record_with_snapshot(self, job, snapshot):
+        """What belongs with the snapshot a sync brought (a guest's config),
+        set on it: it lives and goes exactly as long as the snapshot."""
+        self.dst_host.run(self.dst_host.zfs('set', *(
+            '{}{}={}'.format(PROPERTY_PREFIX, key, value)
+            for key, value in job.snapshot_props), job.dst + snapshot.ref))
+
     def _source_upkeep(self, job, src, base) -> Tuple[List[List[str]], List[Snapshot]]:
         """The commands the source needs after a sync, and the snapshots they
         destroy: a bookmark of `base` (the guid of the next run's base), so
         that the chain survives its snapshot; the older bookmarks and the
         snapshots retention lets go."""
         host, opts = job.src_host, self.opts
-        mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix)
+        mark, old_marks = None, []
+        if opts.bookmarks:
+            mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix)
         doomed = []
         if opts.keep_source:
             doomed = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
@@ -1926,9 +1969,10 @@ class SyncRun:
         return self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
 
     def _transfer_stages(self, job, src, step, estimate):
-        props = {} if isinstance(step, ResumeStep) else dict(job.props)
-        recv = recv_args(job.dst, props, filesystem=src.type == 'filesystem')
-        return build_transfer(job.src_host, self.dst_host, send_args(step, src), recv,
+        props = {} if isinstance(step, ResumeStep) else receive_props(job, src)
+        raw = src.encrypted if job.raw is None else job.raw
+        return build_transfer(job.src_host, self.dst_host, send_args(step, src, raw),
+                              recv_args(job.dst, props, job.mount),
                               self.opts.transfer, job.dst, estimate)
 
     def _resume_estimate(self, job, step) -> Optional[int]:
@@ -1974,15 +2018,34 @@ class SyncRun:
                 self.dst_host.zfs('destroy', snapshot_spec(job.dst, thinned))))
 
 
+def side_by_side(work, items) -> list:
+    """[work(item) for item in items], all at once: their round trips overlap
+    instead of adding up."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(work, items))
+
+
 def each_host(jobs: Iterable[SyncJob], work):
-    """work(host, its jobs) for every source host at once: the hosts' ssh
-    round trips overlap instead of adding up."""
+    """work(host, its jobs) for every source host at once."""
     hosts = {}
     for job in jobs:
         hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
-    if hosts:
-        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-            list(pool.map(lambda item: work(*item), hosts.values()))
+    side_by_side(lambda item: work(*item), hosts.values())
+
+
+def _missing_programs(host, programs) -> List[str]:
+    """'NAME on HOST' for each of `programs` that `host` lacks, or why it
+    could not be asked."""
+    if not programs:
+        return []
+    try:
+        missing = host.missing_commands(sorted(programs))
+    except CommandError as exc:
+        return ['cannot reach {}: {}'.format(host.name, exc)]
+    return ['{} on {}'.format(name, host.name) for name in missing]
 
 
 def by_pool(jobs: Iterable[SyncJob]) -> List[List[SyncJob]]:
@@ -2003,6 +2066,16 @@ def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]
         lanes[sum(map(len, lanes)) % per_node].append(job)
     return [lane for rank in range(per_node) for lanes in by_host.values()
             for lane in lanes[rank:rank + 1] if lane]
+
+
+def receive_props(job: SyncJob, src: Dataset) -> Dict[str, str]:
+    """The properties a receive sets: the job's own, the recorded origin, and
+    for a backed-up filesystem canmount=noauto, so that it never mounts."""
+    props = dict(job.receive_props)
+    props.update((PROPERTY_PREFIX + key, value) for key, value in job.props)
+    if src.type == 'filesystem' and not job.mount:
+        props['canmount'] = 'noauto'
+    return props
 
 
 def step_is_full(step) -> bool:

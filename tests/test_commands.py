@@ -5,8 +5,8 @@ import pytest
 
 from planb_pvesync import (
     CommandError, Dataset, LocalHost, ResumeStep, SendStep, Snapshot, SshHost,
-    SshSettings, Stage, TransferOptions, build_transfer, pipeline_text,
-    recv_args, remote_command, run_pipeline, send_args)
+    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
+    receive_props, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
 
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
 
@@ -36,23 +36,34 @@ S2 = Snapshot('planb-20261126T010000Z', guid=2, createtxg=2)
 
 
 def test_send_args():
-    assert send_args(SendStep(S1), SRC) == [
+    assert send_args(SendStep(S1), SRC, raw=False) == [
         'send', '-L', '-c', 'rpool/data/vm-100-disk-0@my snap:1']
-    assert send_args(SendStep(S2, base=S1, intermediates=True), SRC)[-3:] == [
+    assert send_args(SendStep(S2, base=S1, intermediates=True), SRC, raw=False)[-3:] == [
         '-I', 'rpool/data/vm-100-disk-0@my snap:1', 'rpool/data/vm-100-disk-0@' + S2.name]
     bookmark = Snapshot('b', guid=1, createtxg=1, bookmark=True)
-    assert send_args(SendStep(S2, base=bookmark), SRC)[-3:-1] == [
+    assert send_args(SendStep(S2, base=bookmark), SRC, raw=False)[-3:-1] == [
         '-i', 'rpool/data/vm-100-disk-0#b']
-    encrypted = Dataset('rpool/data/vm-100-disk-0', 'volume', encrypted=True)
-    assert send_args(SendStep(S1), encrypted)[:2] == ['send', '-w']
-    assert send_args(ResumeStep('1-a-b-c'), SRC) == ['send', '-t', '1-a-b-c']
+    assert send_args(SendStep(S1), SRC, raw=True)[:2] == ['send', '-w']
+    assert send_args(ResumeStep('1-a-b-c'), SRC, raw=True) == ['send', '-t', '1-a-b-c']
 
 
-def test_recv_args_never_mount_and_record_the_origin():
-    assert recv_args('tank/enc/g/x', {'vmid': '106'}, filesystem=True) == [
+def test_recv_args_never_mount_unless_asked():
+    assert recv_args('tank/enc/g/x', {'canmount': 'noauto', 'planb-pvesync:vmid': '106'}) == [
         'recv', '-s', '-u', '-v', '-o', 'canmount=noauto',
         '-o', 'planb-pvesync:vmid=106', 'tank/enc/g/x']
-    assert 'canmount=noauto' not in recv_args('tank/enc/g/x', {}, filesystem=False)
+    assert recv_args('rpool/data/subvol-9-disk-0', {'refquota': '64M'}, mount=True) == [
+        'recv', '-s', '-v', '-o', 'refquota=64M', 'rpool/data/subvol-9-disk-0']
+
+
+def test_receive_props_record_the_origin_and_keep_backups_unmounted():
+    job = SyncJob(LocalHost(), 'rpool/data/subvol-200-disk-0', 'tank/enc/ct/x',
+                  props=(('vmid', '200'),))
+    assert receive_props(job, Dataset(job.src, 'filesystem')) == {
+        'canmount': 'noauto', 'planb-pvesync:vmid': '200'}
+    assert receive_props(job, Dataset(job.src, 'volume')) == {'planb-pvesync:vmid': '200'}
+    restore = SyncJob(LocalHost(), 'tank/enc/ct/x', 'rpool/data/subvol-9-disk-0',
+                      receive_props=(('refquota', '64M'),), mount=True)
+    assert receive_props(restore, Dataset(restore.src, 'filesystem')) == {'refquota': '64M'}
 
 
 def remote(user='planb'):
@@ -78,6 +89,26 @@ def test_options_change_the_stages():
     assert stages[0].argv[-1] == 'zfs send a@b'          # root: no sudo, no pipe
     assert [s.name for s in stages[1:]] == ['mbuffer', 'pv', 'zfs recv']
     assert stages[2].argv[-2:] == ['-s', '12345'] and stages[2].show_stderr
+
+
+def test_push_pipeline_to_a_remote_node():
+    opts = TransferOptions(mbuffer='64M', bwlimit='10M')
+    stages = build_transfer(LocalHost(), remote(), ['send', 'tank/x@s'],
+                            ['recv', 'rpool/data/vm-9-disk-0'], opts, 'vm-9-disk-0', 0)
+    assert [s.name for s in stages] == [
+        'zfs send', 'pv', 'zstd', '10.99.1.1: zstd | mbuffer | zfs recv']
+    assert stages[-1].argv[-1] == (
+        "bash -o pipefail -c 'zstd -d -q -c | mbuffer -q -s 128k -m 64M | "
+        "sudo -n zfs recv rpool/data/vm-9-disk-0'")
+
+
+def test_each_side_checks_the_programs_it_runs():
+    opts = TransferOptions(mbuffer='64M', progress=True)
+    node, here = remote(), LocalHost()
+    assert [(h.name, p) for h, p in transfer_programs(opts, node, here)] == [
+        ('planb@10.99.1.1', ['zstd']), ('localhost', ['zstd', 'mbuffer', 'pv'])]
+    assert [(h.name, p) for h, p in transfer_programs(opts, here, node)] == [
+        ('localhost', ['zstd', 'pv']), ('planb@10.99.1.1', ['zstd', 'mbuffer'])]
 
 
 def test_a_local_source_is_not_compressed():

@@ -127,22 +127,24 @@ def test_parse_zfs_list():
     def row(*fields, recorded=('-',) * 6):
         return '\t'.join(fields + recorded) + '\n'
     text = (row('rpool/data/vm-1-disk-0', 'volume', '1', '5', '1700000000', '4096',
-                '8388608', '9000000', 'off', '-')
+                '8388608', '9000000', 'off', '-', '-', '-')
             + row('rpool/data/vm-1-disk-0@my snap:1', 'snapshot', '11', '6', '1700000001',
-                  '512', '8388608', '512', '-', '-')
+                  '512', '8388608', '512', '-', '-', '-', 'tank/enc/_restore/x')
             + row('rpool/data/vm-1-disk-0#my snap:1', 'bookmark', '11', '6', '1700000001',
-                  '-', '-', '-', '-', '-')
+                  '-', '-', '-', '-', '-', '-', '-')
             + row('tank/enc/x', 'filesystem', '2', '9', '1700000000', '0', '0', '0',
-                  'aes-256-gcm', '1-ab-cd-ef', recorded=('demo', 'pve1', '-', '-', '106', '-')))
+                  'aes-256-gcm', 'tank/enc', '1-ab-cd-ef', '-',
+                  recorded=('demo', 'pve1', '-', '-', '106', '-')))
     found = parse_zfs_list(text)
     vol = found['rpool/data/vm-1-disk-0']
     assert (vol.type, vol.written, vol.used, vol.encrypted, vol.resume_token) == (
         'volume', 4096, 9000000, False, None)
-    assert [(s.name, s.guid, s.bookmark, s.ref) for s in vol.snapshots] == [
-        ('my snap:1', 11, False, '@my snap:1'), ('my snap:1', 11, True, '#my snap:1')]
+    assert [(s.name, s.guid, s.bookmark, s.ref, s.cloned) for s in vol.snapshots] == [
+        ('my snap:1', 11, False, '@my snap:1', True), ('my snap:1', 11, True, '#my snap:1', False)]
     assert vol.recorded == {}
     fs = found['tank/enc/x']
     assert fs.encrypted and fs.resume_token == '1-ab-cd-ef' and fs.snapshots == ()
+    assert (fs.encryption_root, vol.encryption_root) == ('tank/enc', None)
     assert fs.recorded == {'cluster': 'demo', 'node': 'pve1', 'vmid': '106'}
 
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
@@ -468,6 +469,7 @@ class PveStorage:
     path: Optional[str]
     pool: Optional[str]
     nodes: Optional[frozenset]      # None: every node
+    content: frozenset = frozenset()    # images, rootdir, vztmpl, iso, backup, ...
 
     def on_node(self, node: str) -> bool:
         return self.nodes is None or node in self.nodes
@@ -588,6 +590,35 @@ def _natural_key(key):
     return (key.startswith('unused'), match.group(1), int(match.group(2) or 0))
 
 
+# ZFS keeps at most this many bytes in a user property.
+MAX_PROPERTY_VALUE = 8191
+
+
+def kept_config(cluster: str, guest: PveGuest) -> Optional[str]:
+    """The guest's config as it is kept with each snapshot of its disks:
+    compact JSON of where it ran and what the API said (without its digest),
+    readable with `zfs get`. A description that does not fit is left out;
+    None when even the rest does not fit."""
+    config = {key: value for key, value in guest.config.items() if key != 'digest'}
+    for attempt in (config, dict(config, description=None)):
+        text = json.dumps(dict(cluster=cluster, vmid=guest.vmid, type=guest.type,
+                               node=guest.node, config={
+                                   k: v for k, v in attempt.items() if v is not None}),
+                          sort_keys=True, separators=(',', ':'))
+        if len(text.encode()) <= MAX_PROPERTY_VALUE:
+            return text
+    return None
+
+
+def parse_kept_config(text: str) -> dict:
+    """What kept_config() wrote: cluster, vmid, type, node and config."""
+    kept = json.loads(text)
+    if not (isinstance(kept, dict) and kept.get('type') in ('qemu', 'lxc')
+            and isinstance(kept.get('config'), dict)):
+        raise ValueError('not a config that planb-pvesync kept')
+    return kept
+
+
 class PveApi:
     """A logged-in connection to a cluster's API.
 
@@ -613,11 +644,36 @@ class PveApi:
         else:
             self._login()
 
-    def get(self, path: str, **params):
+    def get(self, path: str, /, **params):
         return self._call('GET', path, params)
 
-    def post(self, path: str, **data):
+    def post(self, path: str, /, **data):
         return self._call('POST', path, data)
+
+    def put(self, path: str, /, **data):
+        return self._call('PUT', path, data)
+
+    def upload(self, path: str, filename: str, payload: bytes, /, **form):
+        """A file, as PVE takes one: a multipart POST (proxmoxer's resource
+        layer sends forms only)."""
+        return self._call('POST', path, form, files={'filename': (filename, payload)})
+
+    def wait(self, node: str, upid: str, timeout: int = 900):
+        """Wait for the task that a call started (it answered with its UPID);
+        a task that fails raises PvesyncError with PVE's words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.get('nodes/{}/tasks/{}/status'.format(node, upid))
+            if task.get('status') == 'stopped':
+                outcome = task.get('exitstatus', '')
+                if outcome != 'OK' and not outcome.startswith('WARNINGS'):
+                    raise PvesyncError('{} on {}: {}'.format(task.get('type', 'task'), node,
+                                                             outcome or 'failed'))
+                return
+            if time.monotonic() > deadline:
+                raise PvesyncError('{} on {}: still running after {} s; see its log in '
+                                   'PVE\'s task list'.format(task.get('type', upid), node, timeout))
+            time.sleep(1)
 
     def _login(self):
         data = {'username': self.cluster.user, 'password': self.cluster.password}
@@ -626,7 +682,7 @@ class PveApi:
         self._session.headers['CSRFPreventionToken'] = answer['CSRFPreventionToken']
         self._ticket_time = time.monotonic()
 
-    def _call(self, method, path, args, login=False):
+    def _call(self, method, path, args, login=False, files=None):
         if (self._ticket_time and not login and
                 time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER):
             with self._lock:
@@ -637,14 +693,22 @@ class PveApi:
                   '' if login else ' '.join('{}={}'.format(*kv) for kv in args.items()))
         resource = self._root(path)
         try:
-            if method == 'GET':
-                return resource.get(**args)
-            return resource.post(**args)
+            if files:
+                return self._upload(path, args, files)
+            return getattr(resource, method.lower())(**args)
         except proxmoxer.core.ResourceException as exc:
             raise PveError(self._explain_status(method, path, exc, login),
                            exc.status_code)
         except requests.exceptions.RequestException as exc:
             raise PveError(self._explain_transport(exc))
+
+    def _upload(self, path, form, files):
+        answer = self._session.post('{}/{}'.format(self.base_url, path), data=form,
+                                    files=files)
+        if answer.status_code != 200:
+            raise proxmoxer.core.ResourceException(
+                answer.status_code, answer.reason, answer.text)
+        return answer.json()['data']
 
     def _explain_status(self, method, path, exc, login):
         where = '{}:{}'.format(self.cluster.host, self.cluster.port)
@@ -767,7 +831,8 @@ def _parse_storage_entry(item) -> PveStorage:
         storage=item['storage'], type=item['type'],
         enabled=not int(item.get('disable', 0)),
         path=item.get('path'), pool=item.get('pool'),
-        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None)
+        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None,
+        content=frozenset(c.strip() for c in item.get('content', '').split(',') if c.strip()))
 
 
 def _parse_guest_entry(item) -> PveGuest:
@@ -2270,6 +2335,447 @@ def write_atomically(path: str, text: str):
 
 
 # ==============================================================================
+# Restore: a guest, a disk or files back from the backups
+# ==============================================================================
+
+# Restore points made readable (mount-restore-point) are clones under
+# ROOT/_restore: no guest can have that name (PVE names are DNS names).
+RESTORE_CLONES = '_restore'
+MOUNTED_AT = PROPERTY_PREFIX + 'mounted-at'
+PVE_VOLUME_NAME = re.compile(r'(vm|base|subvol|basevol)-(\d+)-(.+)')
+# Config keys that PVE writes itself or that belong to the original alone.
+UNCREATABLE_KEYS = frozenset(('digest', 'lock', 'meta', 'parent', 'snaptime', 'snapstate',
+                              'pending', 'vmstate', 'runningmachine', 'runningcpu'))
+# LXC keys that only root@pam may set: raw lxc.* lines and device passthrough.
+ROOT_ONLY_KEY = re.compile(r'lxc|dev\d+')
+MAC_OPTION = re.compile(r'(?:^|(?<=,))(?:hwaddr|macaddr)=[^,]*,?')
+# The container template restore-pve-guest creates containers from: it holds
+# nothing, so the restored root file system stays as it was.
+EMPTY_TEMPLATE = 'planb-pvesync-empty.tar.gz'
+# What the restore user needs on the new guest's /vms/VMID (PVE checks
+# them in its create call); see restore_privileges for the rest.
+RESTORE_GUEST_PRIVILEGES = ('VM.Allocate', 'VM.Config.CPU', 'VM.Config.Memory',
+                            'VM.Config.Disk', 'VM.Config.Network', 'VM.Config.Options',
+                            'VM.Config.HWType', 'VM.Config.CDROM', 'VM.Config.Cloudinit')
+MOUNT_OPTIONS = {'ext2': 'ro,noload', 'ext3': 'ro,noload', 'ext4': 'ro,noload',
+                 'xfs': 'ro,norecovery,nouuid', 'btrfs': 'ro,norecovery', 'vfat': 'ro',
+                 'ntfs': 'ro', 'ntfs3': 'ro'}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestBackup:
+    """A guest's volumes on the backup host, found by what the backups recorded."""
+    vmid: int
+    label: str                      # its name under the backup root
+    volumes: Tuple[Dataset, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePoint:
+    name: str                       # the snapshot's name
+    created: int                    # seconds since the epoch
+    volumes: Tuple[str, ...]        # the datasets that have it
+    config: Optional[str] = None    # the config kept with it (kept_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRestore:
+    """One volume going back: from its backup to a new dataset on a node."""
+    backup: Dataset
+    key: Optional[str]              # its config key (scsi0, rootfs); None: no config
+    storage: str                    # the target storage
+    volume: str                     # its name there, as PVE names it: vm-9106-disk-0
+    dataset: str                    # the target dataset: pool/volume
+    options: str = ''               # the config's drive options (size=8M, mp=/data, ...)
+
+    @property
+    def volid(self) -> str:
+        return '{}:{}'.format(self.storage, self.volume)
+
+
+def find_guest_backup(found: Dict[str, Dataset], root: str, cluster: str,
+                      word: str) -> GuestBackup:
+    """The backups of the guest with vmid or name `word` in `cluster`, by what
+    they recorded: the guest (or its whole cluster) may be gone."""
+    guests = {}     # vmid -> [Dataset], by vmid first, else by name
+    for by_name in (False, True):
+        for dataset in found.values():
+            parent = dataset.name.rpartition('/')[0]
+            vmid = dataset.recorded.get('vmid', '')
+            if (parent.rpartition('/')[0] == root and vmid.isdigit()
+                    and dataset.recorded.get('cluster') == cluster
+                    and word == (parent.rpartition('/')[2] if by_name else vmid)):
+                guests.setdefault(int(vmid), []).append(dataset)
+        if guests:
+            break
+    if not guests:
+        raise UsageError('no backup of guest {!r} of cluster {} in {}; see what there is: '
+                         'zfs list -r -o name,planb-pvesync:vmid {}'.format(
+                             word, cluster, root, root))
+    if len(guests) > 1:
+        raise UsageError('backups of several guests are called {!r}: vmid {}; give the '
+                         'vmid'.format(word, ', '.join(map(str, sorted(guests)))))
+    vmid, volumes = guests.popitem()
+    volumes.sort(key=lambda d: d.name)
+    return GuestBackup(vmid, volumes[0].name.rsplit('/', 2)[1], tuple(volumes))
+
+
+def restore_points(backup: GuestBackup, configs: Dict[str, str]) -> List[RestorePoint]:
+    """Every snapshot of the guest's volumes, oldest first, with the volumes
+    that have it and its kept config (`configs`: by snapshot name)."""
+    points = {}     # name -> (created, [dataset])
+    for volume in backup.volumes:
+        for snap in volume.snapshots:
+            if not snap.bookmark:
+                created, names = points.setdefault(snap.name, (snap.creation, []))
+                names.append(volume.name)
+    return sorted((RestorePoint(name, created, tuple(names), configs.get(name))
+                   for name, (created, names) in points.items()),
+                  key=lambda p: (p.created, p.name))
+
+
+def choose_restore_point(points: Sequence[RestorePoint], name: Optional[str],
+                         label: str) -> RestorePoint:
+    """The restore point called `name` (with or without its @), else the newest."""
+    if not points:
+        raise UsageError('the backups of {} have no snapshot to restore'.format(label))
+    if name is None:
+        return points[-1]
+    for point in points:
+        if point.name == name.lstrip('@'):
+            return point
+    raise UsageError('{} has no restore point @{}; list them: planb-pvesync '
+                     'list-restore-points -g {}'.format(label, name.lstrip('@'), label))
+
+
+def restored_volume_name(name: str, vmid: int, filesystem: bool) -> str:
+    """The name PVE gives a volume of guest `vmid`: vm-106-disk-0 becomes
+    vm-9106-disk-0; a template's base-* disk comes back as a plain one."""
+    match = PVE_VOLUME_NAME.fullmatch(name)
+    kind = {'base': 'vm', 'basevol': 'subvol'}.get(match.group(1), match.group(1)) \
+        if match else ('subvol' if filesystem else 'vm')
+    return '{}-{}-{}'.format(kind, vmid, match.group(3) if match else name)
+
+
+def next_free_name(name: str, taken: Collection[str]) -> str:
+    """`name`, or the same with the next disk number no dataset has yet."""
+    match = re.fullmatch(r'(.*-disk-)(\d+)', name)
+    number = int(match.group(2)) if match else 0
+    while name in taken:
+        number += 1
+        name = '{}{}'.format(match.group(1) if match else name + '-disk-', number)
+    return name
+
+
+def kept_volumes(kept: dict, backup: GuestBackup) -> Tuple[list, Dict[str, str]]:
+    """The volumes the kept config names, with their backups: [(key, backup
+    dataset, storage, drive options)]; and the keys without a backup."""
+    by_origin = {(d.recorded.get('storage'), d.recorded.get('volume')): d
+                 for d in backup.volumes}
+    kind, config = kept['type'], kept['config']
+    key_re = QEMU_VOLUME_KEY if kind == 'qemu' else LXC_VOLUME_KEY
+    boot = _boot_order(config) if kind == 'qemu' else ['rootfs']
+    found, missing = [], {}
+    for key, value in sorted(config.items(), key=lambda kv: (
+            kv[0] not in boot[:1], _natural_key(kv[0]))):
+        source, opts = _split_drive(str(value))
+        storage_id, colon, volume = source.partition(':')
+        if not key_re.fullmatch(key) or not colon or opts.get('media') == 'cdrom':
+            continue
+        dataset = by_origin.get((storage_id, volume))
+        if dataset is None:
+            missing[key] = 'not backed up: ' + (
+                _skip_reason(kind, key, opts, PveStorage(storage_id, 'zfspool', True, None,
+                                                         'pool', None))
+                or 'not on ZFS, or not synced yet')
+        else:
+            found.append((key, dataset, storage_id, str(value).partition(',')[2]))
+    return found, missing
+
+
+def plan_restore(kept: Optional[dict], backup: GuestBackup, point: RestorePoint,
+                 vmid: int, storages: Dict[str, PveStorage], node: str,
+                 storage: Optional[str] = None, wanted: Sequence[str] = ()
+                 ) -> Tuple[List[VolumeRestore], Dict[str, str]]:
+    """Which volumes go back, to which storage and under which names; and,
+    for each config key that does not come back, why. Pure."""
+    if kept is None:
+        candidates, dropped = [(None, d, d.recorded.get('storage'), '')
+                               for d in backup.volumes], {}
+    else:
+        candidates, dropped = kept_volumes(kept, backup)
+    chosen = []
+    for key, dataset, storage_id, options in candidates:
+        names = {key, dataset.name.rsplit('/', 1)[-1],
+                 dataset.recorded.get('volume', '').rsplit('/', 1)[-1]}
+        if wanted and not names & set(wanted):
+            if key:
+                dropped[key] = 'not asked for (--volume)'
+        elif dataset.name not in point.volumes:
+            if key:
+                dropped[key] = 'not in restore point @{}'.format(point.name)
+        else:
+            chosen.append((key, dataset, storage or storage_id, options))
+    if not chosen:
+        raise UsageError('{} has no volume{} at @{}'.format(
+            backup.label, ' ' + ', '.join(wanted) if wanted else '', point.name))
+    return [_volume_restore(key, dataset, target, options, vmid, storages, node)
+            for key, dataset, target, options in chosen], dropped
+
+
+def _volume_restore(key, dataset, storage_id, options, vmid, storages, node):
+    target = storages.get(storage_id)
+    filesystem = dataset.type == 'filesystem'
+    if not (target and target.type == 'zfspool' and target.pool and target.enabled
+            and target.on_node(node)):
+        raise UsageError('storage {} is no ZFS pool storage on node {}; choose one with '
+                         '--storage'.format(storage_id, node))
+    content = 'rootdir' if filesystem else 'images'
+    if target.content and content not in target.content:
+        raise UsageError('storage {} holds no {} (content={}); choose another with '
+                         '--storage'.format(storage_id, content, ','.join(sorted(target.content))))
+    name = restored_volume_name(dataset.recorded.get('volume', dataset.name).rsplit('/', 1)[-1],
+                                vmid, filesystem)
+    return VolumeRestore(dataset, key, storage_id, name, '{}/{}'.format(target.pool, name),
+                         options)
+
+
+def restore_states(volumes: Sequence[VolumeRestore], point: str,
+                   existing: Dict[str, Dataset]) -> Dict[str, str]:
+    """What each target dataset needs, by name: 'full' (it does not exist),
+    'resume' (a receive was cut off), 'done' (it was restored from this
+    point already) or 'exists' (something else is there)."""
+    states = {}
+    for volume in volumes:
+        found = existing.get(volume.dataset)
+        wanted = next(s.guid for s in volume.backup.snapshots
+                      if not s.bookmark and s.name == point)
+        if found is None:
+            states[volume.dataset] = 'full'
+        elif found.resume_token:
+            states[volume.dataset] = 'resume'
+        else:
+            newest = [s.guid for s in found.snapshots if not s.bookmark][-1:]
+            states[volume.dataset] = 'done' if newest == [wanted] else 'exists'
+    return states
+
+
+def subvolume_props(options: str) -> Dict[str, str]:
+    """The properties PVE gives a container's subvolume, its size as its quota."""
+    props = {'acltype': 'posixacl', 'xattr': 'sa'}
+    size = _split_drive(',' + options)[1].get('size')
+    if size:
+        props['refquota'] = size
+    return props
+
+
+def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[str, str],
+                    keep_macs: bool = False) -> Tuple[dict, List[str]]:
+    """The config to create the restored guest with, and a note for each thing
+    left out or changed. Volumes get their new names; MAC addresses and the
+    VM generation id are made anew unless `keep_macs`. Pure."""
+    kind, config = kept['type'], kept['config']
+    volids = {v.key: '{},{}'.format(v.volid, v.options) if v.options else v.volid
+              for v in volumes}
+    key_re = QEMU_VOLUME_KEY if kind == 'qemu' else LXC_VOLUME_KEY
+    new, notes = {}, []
+    for key, value in config.items():
+        value = str(value)
+        source, opts = _split_drive(value)
+        if key in UNCREATABLE_KEYS:
+            continue
+        if key in volids:
+            new[key] = volids[key]
+        elif kind == 'qemu' and opts.get('media') == 'cdrom':
+            new[key], note = _restored_cdrom(key, source, value)
+            notes += [note] if note else []
+        elif key_re.fullmatch(key):
+            notes.append('{}: {}, left out ({})'.format(key, source, dropped.get(
+                key, 'only root@pam may create a bind mount; add it by hand'
+                if source.startswith('/') else 'not backed up')))
+        elif kind == 'lxc' and ROOT_ONLY_KEY.fullmatch(key):
+            notes.append('{}: left out, only root@pam may set it'.format(key))
+        elif key == 'template' and value == '1':
+            notes.append('restored as a guest, not as a template')
+        elif key.startswith('net') and not keep_macs:
+            new[key] = _without_mac(kind, value)
+        elif key == 'vmgenid':
+            new[key] = '1'      # the guest sees that it was restored
+        else:
+            new[key] = value
+    _drop_missing_boot_devices(new, config)
+    if kind == 'lxc':
+        new.setdefault('unprivileged', '0')     # absent means privileged
+    return new, notes
+
+
+def _restored_cdrom(key, source, value):
+    """(value, note): cloud-init drives are made anew; an ISO is not inserted."""
+    if source in ('none', 'cdrom', ''):
+        return value, None
+    storage, _, volume = source.partition(':')
+    if 'cloudinit' in volume:
+        return '{}:cloudinit,media=cdrom'.format(storage), None
+    return 'none,media=cdrom', '{}: {} not inserted'.format(key, source)
+
+
+def _without_mac(kind, value):
+    if kind == 'qemu':      # virtio=BC:24:11:3A:10:06,bridge=vmbr0: PVE makes a new one
+        model, _, rest = value.partition(',')
+        value = model.partition('=')[0] + (',' + rest if rest else '')
+    return MAC_OPTION.sub('', value).rstrip(',')
+
+
+def _drop_missing_boot_devices(new, config):
+    boot = new.get('boot', '')
+    if boot.startswith('order='):
+        order = [dev for dev in boot[len('order='):].split(';')
+                 if dev in new or not (QEMU_VOLUME_KEY.fullmatch(dev) and dev in config)]
+        new['boot'] = 'order=' + ';'.join(order)
+    if new.get('bootdisk') and new['bootdisk'] not in new:
+        del new['bootdisk']
+
+
+def read_kept_configs(host, backup: GuestBackup) -> Dict[str, str]:
+    """The configs kept with the guest's snapshots, by snapshot name: one zfs get."""
+    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-o', 'name,value',
+                            PROPERTY_PREFIX + 'config', *(v.name for v in backup.volumes)))
+    configs = {}
+    for line in out.splitlines():
+        name, _, value = line.partition('\t')
+        if value not in ('', '-'):
+            configs.setdefault(name.partition('@')[2], value)
+    return configs
+
+
+def empty_template_tarball() -> bytes:
+    """A gzipped tar archive without members: two zero blocks, padded as tar pads."""
+    return gzip.compress(bytes(10240), mtime=0)
+
+
+def template_storage(cluster: PveCluster, node: str, wanted: Optional[str] = None) -> str:
+    """The storage on `node` for the empty container template: `wanted`, else
+    local, else the first one for templates."""
+    fits = sorted(s.storage for s in cluster.storages.values()
+                  if s.enabled and s.on_node(node) and 'vztmpl' in s.content
+                  and wanted in (None, s.storage))
+    if not fits:
+        raise UsageError('no storage on {} holds container templates (content vztmpl){}; '
+                         'name one with --template-storage'.format(
+                             node, '' if wanted is None else ' called ' + wanted))
+    return 'local' if 'local' in fits else fits[0]
+
+
+def empty_template(api: PveApi, node: str, storage: str) -> str:
+    """The volid of the empty container template on `node`, uploaded the first
+    time: PVE creates a container only from a template."""
+    volid = '{}:vztmpl/{}'.format(storage, EMPTY_TEMPLATE)
+    path = 'nodes/{}/storage/{}/'.format(node, storage)
+    if not any(item.get('volid') == volid for item in api.get(path + 'content', content='vztmpl')):
+        api.wait(node, api.upload(path + 'upload', EMPTY_TEMPLATE, empty_template_tarball(),
+                                  content='vztmpl'))
+        log.info('%s: uploaded the empty container template %s', node, volid)
+    return volid
+
+
+def restore_privileges(kind: str, vmid: int, config: dict, storages: Collection[str],
+                       template: Optional[str], start: bool) -> Dict[str, Set[str]]:
+    """The privileges creating the guest takes, by ACL path: what
+    check_privileges asks the API about before anything is sent. Pure."""
+    guest = set(RESTORE_GUEST_PRIVILEGES) | ({'VM.PowerMgmt'} if start else set())
+    needs = {'/vms/{}'.format(vmid): guest}
+    for storage in storages:
+        needs.setdefault('/storage/' + storage, set()).add('Datastore.AllocateSpace')
+    if template:
+        needs.setdefault('/storage/' + template, set()).add('Datastore.AllocateTemplate')
+    if kind == 'lxc' and str(config.get('unprivileged')) != '1':
+        needs['/'] = {'Sys.Modify'}     # a privileged container
+    for key, value in config.items():
+        bridge = re.search(r'(?:^|,)bridge=([^,]+)', value) if key.startswith('net') else None
+        if bridge:
+            needs['/sdn/zones/localnetwork/' + bridge.group(1)] = {'SDN.Use'}
+    return needs
+
+
+def check_privileges(api: PveApi, needs: Dict[str, Set[str]]):
+    """PveError naming every privilege the API user lacks, before anything
+    changes (GET /access/permissions: what the user may do there)."""
+    gaps = []
+    for path, privileges in sorted(needs.items()):
+        have = api.get('access/permissions', path=path).get(path, {})
+        gaps += ['{} on {}'.format(p, path) for p in sorted(privileges) if p not in have]
+    if gaps:
+        raise PveError('{} may not create the guest: it lacks {}; nothing was sent (README.rst, '
+                       'Restore, lists the role a restore user needs)'.format(
+                           api.cluster.user, ', '.join(gaps)))
+
+
+def create_guest(api: PveApi, node: str, kind: str, vmid: int, config: dict,
+                 template: Optional[str] = None):
+    """Define the guest on `node` around its restored volumes. A container is
+    made from the empty template as 'unmanaged', so that PVE's setup touches
+    nothing in it, and gets its own OS type back after."""
+    path = 'nodes/{}/{}'.format(node, kind)
+    if kind == 'qemu':
+        api.wait(node, api.post(path, vmid=vmid, **config))
+        return
+    config = dict(config)
+    ostype = config.pop('ostype', 'unmanaged')
+    api.wait(node, api.post(path, vmid=vmid, ostemplate=template, ostype='unmanaged',
+                            **config))
+    if ostype != 'unmanaged':
+        api.put('{}/{}/config'.format(path, vmid), ostype=ostype)
+
+
+def restore_clone_name(root: str, backup: GuestBackup, volume: Dataset, point: str) -> str:
+    return '{}/{}/{}--{}--{}'.format(root, RESTORE_CLONES, backup.label,
+                                     volume.name.rsplit('/', 1)[-1], point)
+
+
+def partitions(device: str) -> List[Tuple[str, Optional[str]]]:
+    """(device, file system type) of each partition of a zvol clone, or of
+    the zvol itself when it holds a file system without partitions."""
+    folder, base = os.path.split(device)
+    parts = sorted((os.path.join(folder, name) for name in os.listdir(folder)
+                    if re.fullmatch(re.escape(base) + r'-part\d+', name)),
+                   key=lambda path: int(path.rpartition('-part')[2]))
+    return [(path, _fs_type(path)) for path in parts or [device]]
+
+
+def _fs_type(device) -> Optional[str]:
+    done = subprocess.run(['blkid', '-o', 'value', '-s', 'TYPE', device],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
+def choose_partition(parts: Sequence[Tuple[str, Optional[str]]], number: Optional[int],
+                     what: str) -> Tuple[str, str]:
+    """(device, type) of partition `number`, else of the one partition with a
+    file system we can mount."""
+    described = ', '.join('{} {}'.format(_partition_number(dev), fs or 'no file system')
+                          for dev, fs in parts)
+    if number is not None:
+        found = [(dev, fs) for dev, fs in parts if _partition_number(dev) == number]
+        if not found:
+            raise UsageError('{} has no partition {} (it has: {})'.format(what, number, described))
+        dev, fs = found[0]
+        if fs not in MOUNT_OPTIONS:
+            raise UsageError('partition {} of {} holds {}, which cannot be mounted here{}'.format(
+                number, what, fs or 'no file system', '; activate LVM by hand (vgchange -ay), '
+                'see README.rst' if fs == 'LVM2_member' else ''))
+        return dev, fs
+    mountable = [(dev, fs) for dev, fs in parts if fs in MOUNT_OPTIONS]
+    if len(mountable) != 1:
+        raise UsageError('{} has {} partitions with a file system to mount ({}); choose '
+                         'one with --partition N'.format(what, len(mountable) or 'no', described))
+    return mountable[0]
+
+
+def _partition_number(device) -> int:
+    return int(device.rpartition('-part')[2]) if '-part' in device else 0
+
+
+# ==============================================================================
 # The command line
 # ==============================================================================
 
@@ -2492,10 +2998,16 @@ def cmd_sync_pve_guest(session: Session) -> int:
     for problem in unknown:
         log.error('%s', problem)
     rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
-    jobs = [guest_job(root, cluster.name, guest, volume,
-                      session.volume_host(cluster, guest, volume))
-            for guest in guests for volume in guest.volumes or ()
-            if volume.skip is None]
+    jobs = []
+    for guest in guests:
+        config = kept_config(cluster.name, guest) if guest.config is not None else None
+        if guest.config is not None and config is None:
+            log.warning('%s (%s): its config is too large to keep with the backup (over '
+                        '%d bytes); its disks are backed up', guest.vmid, guest.label,
+                        MAX_PROPERTY_VALUE)
+        jobs += [guest_job(root, cluster.name, guest, volume,
+                           session.volume_host(cluster, guest, volume), config)
+                 for volume in guest.volumes or () if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
     status = run_jobs(session, jobs, freeze)
     return EXIT_FAILED if unknown else status
@@ -2518,13 +3030,14 @@ def rename_guest_backups(here, root, cluster, guests, dry_run):
 
 
 def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
-              host) -> SyncJob:
-    """DEST/GUEST/STORAGE--VOLUME, recording where it came from."""
+              host, config: Optional[str] = None) -> SyncJob:
+    """DEST/GUEST/STORAGE--VOLUME, recording where it came from, and keeping
+    the guest's `config` (kept_config) with each snapshot it brings."""
     dst = '{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name)
     props = (('cluster', cluster), ('node', guest.node), ('storage', volume.storage),
              ('volume', volume.volume), ('vmid', str(guest.vmid)))
-    return SyncJob(src_host=host, src=volume.dataset, dst=dst,
-                   group=str(guest.vmid), props=props)
+    return SyncJob(src_host=host, src=volume.dataset, dst=dst, group=str(guest.vmid),
+                   props=props, snapshot_props=(('config', config),) if config else ())
 
 
 def guest_renames(found: Dict[str, Dataset], root: str, cluster: str,
@@ -2691,6 +3204,337 @@ def iso_time(epoch: float) -> str:
                                int(epoch * 1000) % 1000)
 
 
+def _guest_word(session: Session) -> str:
+    names = session.args.pve_guest
+    if len(names) != 1:
+        raise UsageError('{} needs exactly one guest: -g VMID|NAME'.format(session.args.command))
+    return names[0]
+
+
+def read_guest_backup(session: Session) -> Tuple[LocalHost, str, GuestBackup,
+                                                  List[RestorePoint]]:
+    """The backups of the -g guest and their restore points, from this host
+    alone: no API call, so that it works while the cluster is down."""
+    here, root = LocalHost(), session.zfs_root()
+    found = list_datasets(here, [root], depth=3)
+    if root not in found:
+        raise UsageError('--sync-zfs-root {} does not exist here'.format(root))
+    backup = find_guest_backup(found, root, session.cluster_config().name,
+                               _guest_word(session))
+    return here, root, backup, restore_points(backup, read_kept_configs(here, backup))
+
+
+def cmd_list_restore_points(session: Session) -> int:
+    _, _, backup, points = read_guest_backup(session)
+    keys = _volume_keys(backup, points)
+    rows = [dict(name=p.name, created=iso_time(p.created), config=p.config is not None,
+                 volumes=list(p.volumes)) for p in points]
+    if session.args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    print('{} (vmid {}): {} volume(s), {} restore point(s)'.format(
+        backup.label, backup.vmid, len(backup.volumes), len(points)))
+    table = [('RESTORE POINT', 'CREATED (UTC)', 'CONFIG', 'VOLUMES')]
+    table += [(p.name, time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(p.created)),
+               'yes' if p.config else 'no',
+               ' '.join(keys.get(v, v.rsplit('/', 1)[-1]) for v in p.volumes))
+              for p in points]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
+    for cells in table:
+        print('  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return EXIT_OK
+
+
+def _volume_keys(backup, points) -> Dict[str, str]:
+    """dataset -> its config key (scsi0, rootfs), from the newest kept config."""
+    newest = next((p.config for p in reversed(points) if p.config), None)
+    if newest is None:
+        return {}
+    return {dataset.name: key
+            for key, dataset, _, _ in kept_volumes(parse_kept_config(newest), backup)[0]}
+
+
+def cmd_restore_pve_guest(session: Session) -> int:
+    """A guest back from a restore point: its disks pushed to a node as PVE
+    names them for its vmid, then the guest defined from its kept config."""
+    args = session.args
+    started = time.monotonic()
+    here, _, backup, points = read_guest_backup(session)
+    point = choose_restore_point(points, args.at, backup.label)
+    kept = parse_kept_config(point.config) if point.config else None
+    if kept is None and not args.disks_only:
+        raise UsageError('restore point @{} of {} has no kept config (it was made before '
+                         'planb-pvesync kept them); restore its disks with --disks-only and '
+                         'define the guest by hand'.format(point.name, backup.label))
+    api, cluster = session.connect()
+    node = _restore_node(cluster, args.node, kept, backup)
+    vmid = _restore_vmid(api, cluster, args.vmid, backup.vmid, args.disks_only)
+    volumes, dropped = plan_restore(kept, backup, point, vmid, cluster.storages, node,
+                                    args.storage, args.volume)
+    host = _restore_host(session, cluster, volumes, node)
+    volumes, states = _check_targets(host, here, volumes, point.name, args.disks_only)
+    if args.disks_only:
+        config, notes = {}, ['{}: left out ({})'.format(k, why) for k, why in dropped.items()]
+    else:
+        config, notes = restored_config(kept, volumes, dropped, args.keep_macs)
+    kind = kept['type'] if kept else 'disks of'
+    template = None
+    if not args.disks_only:
+        if kind == 'lxc':
+            template = template_storage(cluster, node, args.template_storage)
+        check_privileges(api, restore_privileges(
+            kind, vmid, config, {v.storage for v in volumes}, template, args.start))
+    print('{} {} (vmid {}) from @{} ({} UTC) to {} as {}'.format(
+        'would restore' if args.dry_run else 'restoring', backup.label, backup.vmid,
+        point.name, time.strftime('%Y-%m-%d %H:%M', time.gmtime(point.created)), node,
+        '{} {}'.format(kind, vmid)))
+    for note in notes:
+        print('  ' + note)
+    results = _restore_volumes(session, here, host, volumes, states, point.name)
+    failed = [r for r in results if r.status == 'failed']
+    for result in failed:
+        log.error('%s; run the same command again to resume', format_result(result))
+    if args.dry_run:
+        _show_restore(kept, node, vmid, config, volumes)
+    elif not failed:
+        _define_guest(api, args, kept, node, vmid, config, volumes, template)
+    sent = sum(r.sent for r in results)
+    print('restore-pve-guest: {} ({}) @{} -> {} as {} {}: {} volume(s), {} in {:.1f} s{}'.format(
+        backup.label, backup.vmid, point.name, node, kind, vmid, len(volumes),
+        format_bytes(sent), time.monotonic() - started, ', FAILED' if failed else ''))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _restore_node(cluster: PveCluster, wanted: Optional[str], kept: Optional[dict],
+                  backup: GuestBackup) -> str:
+    name = wanted or (kept or {}).get('node') or backup.volumes[0].recorded.get('node')
+    node = cluster.nodes.get(name)
+    if node is None or not node.online:
+        online = ', '.join(n.name for n in cluster.nodes.values() if n.online)
+        raise UsageError('node {} is {}; choose one with --node ({})'.format(
+            name, 'offline' if node else 'not in cluster ' + cluster.name, online))
+    return name
+
+
+def _restore_vmid(api: PveApi, cluster: PveCluster, wanted: Optional[int], original: int,
+                  disks_only: bool) -> int:
+    """--vmid, else the guest's own vmid when free, else the cluster's next
+    free one. Only --disks-only goes to a vmid in use (a disk for it)."""
+    taken = {g.vmid: g for g in cluster.guests}
+    if wanted is None:
+        wanted = original if original not in taken or disks_only else int(
+            api.get('cluster/nextid'))
+    if wanted in taken and not disks_only:
+        guest = taken[wanted]
+        raise UsageError('vmid {} is taken ({} on {}); choose a free one with --vmid, or '
+                         'leave it out to take the next free one'.format(
+                             wanted, guest.label, guest.node))
+    return wanted
+
+
+def _restore_host(session: Session, cluster: PveCluster, volumes, node: str) -> SshHost:
+    targets = {storage_target(session.config, session.cluster_config(), cluster,
+                              v.storage, node) for v in volumes}
+    if len(targets) > 1:
+        raise UsageError('the target storages on {} are reached by different ssh targets; '
+                         'restore their volumes one by one with --volume'.format(node))
+    return session.ssh_host(*targets.pop())
+
+
+def _check_targets(host, here, volumes, point, disks_only):
+    """(volumes, states): what each target needs (restore_states), before
+    anything is sent. A dataset that is there already and is not this restore
+    stops it; with --disks-only the volume takes the next free disk number."""
+    pools = sorted({v.dataset.rpartition('/')[0] for v in volumes})
+    existing = list_datasets(host, pools, depth=2)
+    for pool in pools:
+        if pool not in existing:
+            raise UsageError('{} has no dataset {}; check the storage in PVE'.format(
+                host.name, pool))
+    chosen, states = [], {}
+    for volume in volumes:
+        state = _target_state(here, volume, point, existing)
+        while state == 'exists' and disks_only:
+            taken = {name.rpartition('/')[2] for name in existing} | {
+                v.volume for v in chosen}
+            volume = dataclasses.replace(volume, volume=next_free_name(volume.volume, taken))
+            volume = dataclasses.replace(
+                volume, dataset='{}/{}'.format(volume.dataset.rpartition('/')[0], volume.volume))
+            state = _target_state(here, volume, point, existing)
+        if state == 'exists':
+            raise UsageError('{} already has {}; nothing was sent: restore as another --vmid, '
+                             'to another --storage, or remove it'.format(host.name, volume.dataset))
+        chosen.append(volume)
+        states[volume.dataset] = state
+    return chosen, states
+
+
+def _target_state(here, volume, point, existing) -> str:
+    state = restore_states([volume], point, existing)[volume.dataset]
+    if state == 'resume':   # a partial receive: only one of ours may be resumed
+        try:
+            here.run(here.zfs('send', '-n', '-t', existing[volume.dataset].resume_token))
+        except CommandError:
+            return 'exists'
+    return state
+
+
+def _restore_volumes(session, here, host, volumes, states, point) -> List[JobResult]:
+    """Every volume not restored yet, with the machinery of a backup run the
+    other way: a send here, a resumable receive on the node."""
+    args = session.args
+    jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=point,
+                    receive_props=tuple(sorted(subvolume_props(v.options).items()))
+                    if v.backup.type == 'filesystem' else (),
+                    mount=v.backup.type == 'filesystem',
+                    raw=v.backup.encryption_root == v.backup.name)
+            for v in volumes if states[v.dataset] != 'done']
+    for volume in volumes:
+        if states[volume.dataset] == 'done':
+            print('{}: restored already'.format(volume.dataset))
+    opts = SyncOptions(
+        transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
+                                 progress=args.progress, bwlimit=args.bwlimit),
+        make_snapshot=False, intermediates=False, keep_source=None, bookmarks=False,
+        dry_run=args.dry_run, lock_dir=args.lock_dir)
+    results = SyncRun(jobs, host, opts, out=print).run() if jobs else []
+    for result in results:
+        if result.status == 'synced':
+            print(format_result(result))
+    return results
+
+
+def _show_restore(kept, node, vmid, config, volumes):
+    if kept is None:
+        return
+    print('would create {} {} on {} with:'.format(kept['type'], vmid, node))
+    for key, value in sorted(config.items(), key=lambda kv: _natural_key(kv[0])):
+        print('  {}: {}'.format(key, value))
+
+
+def _define_guest(api, args, kept, node, vmid, config, volumes, template):
+    if args.disks_only:
+        print('restored the disks as {}; attach them with qm set or pct set'.format(
+            ', '.join(v.volid for v in volumes)))
+        return
+    create_guest(api, node, kept['type'], vmid, config,
+                 empty_template(api, node, template) if template else None)
+    if args.start:
+        api.wait(node, api.post('nodes/{}/{}/{}/status/start'.format(node, kept['type'], vmid)))
+    print('created {} {} ({}) on {}, {}; {}'.format(
+        kept['type'], vmid, config.get('name') or config.get('hostname') or vmid, node,
+        'started' if args.start else 'not started (--start starts it)',
+        'MAC addresses as they were' if args.keep_macs else
+        'new MAC addresses (--keep-macs keeps them)'))
+
+
+def cmd_mount_restore_point(session: Session) -> int:
+    """A restore point's volume readable here, read-only, from a clone: the
+    backup itself is not touched."""
+    args = session.args
+    here, root, backup, points = read_guest_backup(session)
+    point = choose_restore_point(points, args.at, backup.label)
+    volume = _volume_to_mount(backup, points, point, args.volume)
+    path = os.path.abspath(args.path)
+    if os.path.ismount(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise UsageError('{} is in use (a mount point, or not empty); choose an empty '
+                         'directory'.format(path))
+    if volume.type == 'volume' and os.geteuid() != 0:
+        raise UsageError('mounting a partition of a VM disk needs root (mount): run it as '
+                         'root, for example with sudo')
+    clone = restore_clone_name(root, backup, volume, point.name)
+    parent = clone.rpartition('/')[0]
+    found = list_datasets(here, [parent, clone])
+    if clone in found:
+        raise UsageError('@{} of {} is mounted already: see zfs get {} {}'.format(
+            point.name, volume.name, MOUNTED_AT, clone))
+    if parent not in found:
+        here.run(here.zfs('create', '-o', 'mountpoint=none', parent))
+    origin = '{}@{}'.format(volume.name, point.name)
+    if volume.type == 'filesystem':
+        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'mountpoint=' + path,
+                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        what = 'its file system'
+    else:
+        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'volmode=full',
+                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        try:
+            what = _mount_partition(here, clone, path, args.partition, volume.name)
+        except BaseException:
+            here.run(here.zfs('destroy', clone))
+            raise
+    print('mounted {} of {} @{} read-only at {}; when done: planb-pvesync '
+          'unmount-restore-point --sync-zfs-root {} {}'.format(
+              what, volume.name, point.name, path, root, shlex.quote(path)))
+    return EXIT_OK
+
+
+def _volume_to_mount(backup, points, point, wanted) -> Dataset:
+    have = [v for v in backup.volumes if v.name in point.volumes]
+    keys = _volume_keys(backup, points)
+    if wanted:
+        found = [v for v in have if wanted in (keys.get(v.name), v.name.rsplit('/', 1)[-1],
+                                               v.recorded.get('volume', '').rsplit('/', 1)[-1])]
+    elif len(have) == 1:
+        found = have
+    else:   # the boot disk, as the kept config tells
+        boot = ['rootfs'] + _boot_order(parse_kept_config(point.config)['config']) \
+            if point.config else []
+        found = [v for key in boot for v in have if keys.get(v.name) == key][:1]
+    if not found:
+        raise UsageError('choose the volume of {} @{} with --volume: {}'.format(
+            backup.label, point.name, ', '.join(
+                keys.get(v.name) or v.name.rsplit('/', 1)[-1] for v in have)))
+    return found[0]
+
+
+def _mount_partition(here, clone, path, number, what) -> str:
+    """Mount one partition of the zvol clone; returns what was mounted."""
+    device = '/dev/zvol/' + clone
+    here.run(['udevadm', 'settle'])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(device) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    partition, fs = choose_partition(partitions(device), number, what)
+    os.makedirs(path, exist_ok=True)
+    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs], partition, path])
+    number = _partition_number(partition)
+    return '{} {}'.format('partition {}'.format(number) if number else 'the disk', fs)
+
+
+def cmd_unmount_restore_point(session: Session) -> int:
+    args = session.args
+    here, root = LocalHost(), session.zfs_root()
+    clones = '{}/{}'.format(root, RESTORE_CLONES)
+    try:
+        out = here.run(here.zfs('list', '-H', '-o', 'name,type,' + MOUNTED_AT, '-d', '1',
+                                '-t', 'filesystem,volume', clones))
+    except CommandError:
+        out = ''
+    mounted = [line.split('\t') for line in out.splitlines()[1:]]
+    path = os.path.abspath(args.path) if args.path else None
+    chosen = [m for m in mounted if args.all or m[2] == path]
+    if not chosen:
+        raise UsageError('no restore point of planb-pvesync is mounted {}; see: zfs list -r '
+                         '-o name,{} {}'.format('at ' + path if path else 'here', MOUNTED_AT,
+                                                clones))
+    for clone, kind, where in chosen:
+        try:
+            if kind == 'volume' and os.path.ismount(where):
+                here.run(['umount', where])
+            here.run(here.zfs('destroy', clone))
+        except CommandError as exc:
+            if 'busy' in str(exc):
+                raise PvesyncError('{} is in use (a shell in it, an open file): leave it, '
+                                   'then run this again'.format(where))
+            raise
+        if kind == 'volume':
+            with contextlib.suppress(OSError):
+                os.rmdir(where)
+        print('unmounted {} (destroyed the clone {})'.format(where, clone))
+    return EXIT_OK
+
+
 def _add_common_options(parser, suppress):
     """Options that may stand before or after the command, as in the origin."""
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
@@ -2711,19 +3555,27 @@ def _add_common_options(parser, suppress):
                         help='print only the summary and what failed')
 
 
-def _add_sync_options(parser):
+def _add_transfer_options(parser):
     parser.add_argument('-n', '--dry-run', action='store_true',
                         help='print the plan and the exact pipelines; change nothing')
     parser.add_argument('--compress', choices=sorted(COMPRESSORS), default='zstd',
                         help='compression on the wire (default: %(default)s)')
     parser.add_argument('--mbuffer', metavar='SIZE',
-                        help='buffer the stream here with mbuffer, e.g. 256M')
+                        help='buffer the stream where it is received with mbuffer, '
+                             'e.g. 256M')
     parser.add_argument('--bwlimit', metavar='RATE',
                         help='limit the transfer to RATE bytes per second, e.g. 50M '
                              '(with pv)')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction,
                         default=sys.stderr.isatty(),
                         help='show pv progress (default: when stderr is a terminal)')
+    parser.add_argument('--lock-dir', metavar='DIR',
+                        help='where the per-dataset locks live (default: '
+                             '/run/lock/planb-pvesync)')
+
+
+def _add_sync_options(parser):
+    _add_transfer_options(parser)
     parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
                         help='name of the snapshots this tool makes: '
                              'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
@@ -2743,9 +3595,6 @@ def _add_sync_options(parser):
     parser.add_argument('--wait', action='store_true',
                         help='wait for another run that holds a volume, instead '
                              'of skipping it')
-    parser.add_argument('--lock-dir', metavar='DIR',
-                        help='where the per-dataset locks live (default: '
-                             '/run/lock/planb-pvesync)')
     parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
                         help='transfers at once, in all (default: %(default)s)')
     parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
@@ -2779,6 +3628,44 @@ def _add_status_options(parser):
                         help='also write the figures for the node exporter\'s '
                              'textfile collector, e.g. /var/lib/prometheus/'
                              'node-exporter/planb-pvesync.prom')
+
+
+def _add_restore_options(parser):
+    _add_transfer_options(parser)
+    parser.add_argument('--volume', action='append', default=[], metavar='KEY|NAME',
+                        help='only this volume, by config key (scsi0, rootfs, mp0) or '
+                             'name (vm-106-disk-0); repeatable')
+    parser.add_argument('--node', help='the node to restore to (default: where it was)')
+    parser.add_argument('--storage', help='the ZFS storage to restore to (default: where '
+                                          'each volume was)')
+    parser.add_argument('--vmid', type=_positive_int, help='the vmid to restore as '
+                        "(default: its own when free, else the cluster's next free one)")
+    parser.add_argument('--keep-macs', action='store_true',
+                        help='keep the MAC addresses (default: new ones, so that the '
+                             'copy can run beside the original)')
+    parser.add_argument('--start', action='store_true', help='start the restored guest')
+    parser.add_argument('--disks-only', action='store_true',
+                        help='restore the disks and define no guest (a disk for a '
+                             'guest that exists, or a backup without a kept config)')
+    parser.add_argument('--template-storage', metavar='STORAGE',
+                        help='where the empty container template goes (default: local, '
+                             'or the first storage for templates on the node)')
+
+
+def _add_mount_options(parser, command):
+    if command == 'mount-restore-point':
+        parser.add_argument('--volume', metavar='KEY|NAME',
+                            help='the volume, by config key (scsi0, rootfs, mp0) or name '
+                                 '(default: the boot disk)')
+        parser.add_argument('--partition', type=int, metavar='N',
+                            help='the partition of a VM disk to mount (default: the one '
+                                 'with a file system)')
+        parser.add_argument('path', metavar='PATH', help='where to mount it (an empty '
+                                                         'directory, or a new one)')
+    else:
+        parser.add_argument('path', metavar='PATH', nargs='?', help='where it is mounted')
+        parser.add_argument('--all', action='store_true',
+                            help='every restore point mounted under --sync-zfs-root')
 
 
 def _add_selection_options(parser):
@@ -2818,6 +3705,13 @@ COMMANDS = {
     'sync-pve-guest': (cmd_sync_pve_guest, "back up the guests' ZFS volumes"),
     'sync-filesystem': (cmd_sync_filesystem, 'back up one dataset, without PVE'),
     'status': (cmd_status, 'how old the newest backup of each volume is'),
+    'list-restore-points': (cmd_list_restore_points, "a guest's restore points"),
+    'restore-pve-guest': (cmd_restore_pve_guest,
+                          'bring a guest (or its disks) back from a restore point'),
+    'mount-restore-point': (cmd_mount_restore_point,
+                            "mount a restore point's volume read-only here"),
+    'unmount-restore-point': (cmd_unmount_restore_point,
+                              'undo mount-restore-point'),
 }
 
 
@@ -2842,6 +3736,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common_options(sub, suppress=True)
         if name.startswith('list-') or name == 'status':
             sub.add_argument('--json', action='store_true', help='print JSON')
+        if name in ('restore-pve-guest', 'mount-restore-point'):
+            sub.add_argument('--at', metavar='SNAPSHOT',
+                             help='the restore point (default: the newest; '
+                                  'list-restore-points lists them)')
+        if name == 'restore-pve-guest':
+            _add_restore_options(sub)
+        if name.endswith('mount-restore-point'):
+            _add_mount_options(sub, name)
         if name in ('list-pve-guests', 'sync-pve-guest', 'status'):
             _add_selection_options(sub)
         if name.startswith('sync-'):

@@ -666,17 +666,11 @@ def create_guest(call, kind):
             raise ApiError(500, "volume '{}' does not exist\n".format(params['ostemplate']))
         if str(config.pop('unprivileged', '1')) == '1':
             config['unprivileged'] = 1
-    typed = {key: int(value) if str(value).isdigit() and key in INTEGER_KEYS else value
-             for key, value in config.items()}
     guest = {'vmid': vmid, 'type': kind, 'node': node,
-             'status': 'running' if params.get('start') else 'stopped', 'config': typed}
+             'status': 'running' if params.get('start') else 'stopped', 'config': config}
     call.api.change_fixture(lambda data: data['guests'].append(guest))
     return call.api.tasks.finish(node, 'qmcreate' if kind == 'qemu' else 'vzcreate', vmid,
                                  call.who.userid)
-
-
-INTEGER_KEYS = ('cores', 'sockets', 'memory', 'swap', 'balloon', 'onboot', 'unprivileged',
-                'template', 'protection', 'numa', 'tty', 'console')
 
 
 def update_container_config(call):

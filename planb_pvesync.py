@@ -67,7 +67,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1         # some volumes failed; the others were still attempted
 EXIT_USAGE = 2          # usage or config error, as argparse
 EXIT_CANNOT_START = 3   # could not start (API or ssh down); nothing changed
-EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 128      # plus the signal: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
 
 
 class PvesyncError(Exception):
@@ -870,6 +870,71 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
 BROKEN_PIPE = (-signal.SIGPIPE, 128 + signal.SIGPIPE)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived: every running
+    pipeline was ended, and no new one starts."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunningProcesses:
+    """The processes of every running pipeline, in all threads, so that a
+    stop signal ends them all at once: a Ctrl-C at a terminal reaches them by
+    itself, a SIGTERM to the tool alone does not."""
+
+    def __init__(self):
+        # Reentrant: the signal handler runs in the main thread, which may
+        # hold the lock when the signal arrives.
+        self._lock = threading.RLock()
+        self._procs = set()
+        self._starting = threading.local()
+        self.stopped_by = None      # the first stop signal's number
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        """subprocess.Popen, tracked until discard(). A stop signal that
+        arrives meanwhile ends the new process too; check() then raises."""
+        self._starting.now = True
+        try:
+            proc = subprocess.Popen(argv, **kwargs)
+            with self._lock:
+                self._procs.add(proc)
+                if self.stopped_by:
+                    proc.terminate()
+        finally:
+            self._starting.now = False
+        return proc
+
+    def discard(self, procs):
+        with self._lock:
+            self._procs.difference_update(procs)
+
+    def check(self):
+        """Raise Stopped once a stop signal came: nothing new starts then."""
+        if self.stopped_by:
+            raise Stopped(self.stopped_by)
+
+    def on_signal(self, signum, frame):
+        """The handler of the stop signals: SIGTERM to every tracked process
+        (zfs recv -s keeps what it received), SIGKILL at a second signal;
+        then Stopped in the main thread, unless it is starting a process
+        (then its check() raises it)."""
+        with self._lock:
+            first = self.stopped_by is None
+            self.stopped_by = self.stopped_by or signum
+            for proc in self._procs:
+                (proc.terminate if first else proc.kill)()
+        if first and not getattr(self._starting, 'now', False):
+            raise Stopped(signum)
+
+
+RUNNING = RunningProcesses()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str                       # for messages: 'zstd', 'pve1: zfs send | zstd'
@@ -887,12 +952,13 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
     log.debug('(exec) %s', ' | '.join(shlex.join(s.argv) for s in stages))
     running = []
     try:
+        RUNNING.check()                 # nothing starts once the run is stopping
         stdin = subprocess.DEVNULL
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             errors = None if stage.show_stderr else tempfile.TemporaryFile()
             try:
-                proc = subprocess.Popen(
+                proc = RUNNING.popen(
                     stage.argv, stdin=stdin, stderr=errors,
                     stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
             except OSError as exc:
@@ -902,9 +968,11 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
                 stdin.close()           # the next stage holds it now
             stdin = proc.stdout
             running.append((stage, proc, errors))
+            RUNNING.check()
         output = running[-1][1].stdout.read() if capture else b''
         for _, proc, _ in running:
             proc.wait()
+        RUNNING.check()                 # a stop, not a failure, ended them
     except BaseException:
         for _, proc, _ in running:
             if proc.poll() is None:
@@ -913,6 +981,7 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             proc.wait()
         raise
     finally:
+        RUNNING.discard([proc for _, proc, _ in running])
         for _, proc, _ in running:
             if proc.stdout:
                 proc.stdout.close()
@@ -2805,6 +2874,20 @@ def setup_logging(verbose: int, quiet: bool):
                  else logging.WARNING)
 
 
+@contextlib.contextmanager
+def handle_stop_signals():
+    """SIGINT, SIGTERM and SIGHUP end every running pipeline and raise
+    Stopped in the main thread: locks are released and ssh connections closed
+    on the way out, and the exit status is 128 plus the signal's number."""
+    RUNNING.stopped_by = None
+    previous = {signum: signal.signal(signum, RUNNING.on_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -2814,19 +2897,23 @@ def main(argv=None) -> int:
     setup_logging(args.verbose, args.quiet)
     session = Session(args)
     try:
-        return args.func(session)
+        with handle_stop_signals():
+            try:
+                return args.func(session)
+            finally:
+                session.close()
     except PvesyncError as exc:
         log.error('%s', exc, exc_info=args.verbose >= 2)
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error('interrupted')
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, 'signum', signal.SIGINT)
+        log.error('stopped by %s; a transfer it cut short resumes on the next run',
+                  signal.Signals(signum).name)
+        return EXIT_STOPPED + signum
     except Exception as exc:     # a bug: still one line, unless asked for more
         log.error('internal error: %s: %s (--debug shows where)',
                   type(exc).__name__, exc, exc_info=args.verbose >= 2)
         return EXIT_FAILED
-    finally:
-        session.close()
 
 
 if __name__ == '__main__':

@@ -6,7 +6,8 @@ pulls each disk with `ssh NODE 'sudo zfs send ... | compress' | decompress |
 sudo zfs recv DEST`, incrementally, from snapshot to snapshot.
 
 Read top to bottom: errors, config, PVE discovery, the host runner, the ZFS
-listing and the sync planner, the pipeline, the sync engine, the CLI.
+listing and the sync planner, the pipeline, the sync engine, status, PlanB
+(the engine as a PlanB fileset's transport), the CLI.
 """
 
 import argparse

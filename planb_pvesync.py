@@ -6,7 +6,8 @@ pulls each disk with `ssh NODE 'sudo zfs send ... | compress' | decompress |
 sudo zfs recv DEST`, incrementally, from snapshot to snapshot.
 
 Read top to bottom: errors, config, PVE discovery, the host runner, the ZFS
-listing and the sync planner, the pipeline, the sync engine, the CLI.
+listing and the sync planner, the pipeline, the sync engine, status, PlanB
+(the engine as a PlanB fileset's transport), the CLI.
 """
 
 import argparse
@@ -68,7 +69,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1         # some volumes failed; the others were still attempted
 EXIT_USAGE = 2          # usage or config error, as argparse
 EXIT_CANNOT_START = 3   # could not start (API or ssh down); nothing changed
-EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 128      # plus the signal: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
 
 
 class PvesyncError(Exception):
@@ -936,6 +937,71 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
 BROKEN_PIPE = (-signal.SIGPIPE, 128 + signal.SIGPIPE)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived: every running
+    pipeline was ended, and no new one starts."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunningProcesses:
+    """The processes of every running pipeline, in all threads, so that a
+    stop signal ends them all at once: a Ctrl-C at a terminal reaches them by
+    itself, a SIGTERM to the tool alone does not."""
+
+    def __init__(self):
+        # Reentrant: the signal handler runs in the main thread, which may
+        # hold the lock when the signal arrives.
+        self._lock = threading.RLock()
+        self._procs = set()
+        self._starting = threading.local()
+        self.stopped_by = None      # the first stop signal's number
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        """subprocess.Popen, tracked until discard(). A stop signal that
+        arrives meanwhile ends the new process too; check() then raises."""
+        self._starting.now = True
+        try:
+            proc = subprocess.Popen(argv, **kwargs)
+            with self._lock:
+                self._procs.add(proc)
+                if self.stopped_by:
+                    proc.terminate()
+        finally:
+            self._starting.now = False
+        return proc
+
+    def discard(self, procs):
+        with self._lock:
+            self._procs.difference_update(procs)
+
+    def check(self):
+        """Raise Stopped once a stop signal came: nothing new starts then."""
+        if self.stopped_by:
+            raise Stopped(self.stopped_by)
+
+    def on_signal(self, signum, frame):
+        """The handler of the stop signals: SIGTERM to every tracked process
+        (zfs recv -s keeps what it received), SIGKILL at a second signal;
+        then Stopped in the main thread, unless it is starting a process
+        (then its check() raises it)."""
+        with self._lock:
+            first = self.stopped_by is None
+            self.stopped_by = self.stopped_by or signum
+            for proc in self._procs:
+                (proc.terminate if first else proc.kill)()
+        if first and not getattr(self._starting, 'now', False):
+            raise Stopped(signum)
+
+
+RUNNING = RunningProcesses()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str                       # for messages: 'zstd', 'pve1: zfs send | zstd'
@@ -953,12 +1019,13 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
     log.debug('(exec) %s', ' | '.join(shlex.join(s.argv) for s in stages))
     running = []
     try:
+        RUNNING.check()                 # nothing starts once the run is stopping
         stdin = subprocess.DEVNULL
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             errors = None if stage.show_stderr else tempfile.TemporaryFile()
             try:
-                proc = subprocess.Popen(
+                proc = RUNNING.popen(
                     stage.argv, stdin=stdin, stderr=errors,
                     stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
             except OSError as exc:
@@ -968,9 +1035,11 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
                 stdin.close()           # the next stage holds it now
             stdin = proc.stdout
             running.append((stage, proc, errors))
+            RUNNING.check()
         output = running[-1][1].stdout.read() if capture else b''
         for _, proc, _ in running:
             proc.wait()
+        RUNNING.check()                 # a stop, not a failure, ended them
     except BaseException:
         for _, proc, _ in running:
             if proc.poll() is None:
@@ -979,6 +1048,7 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             proc.wait()
         raise
     finally:
+        RUNNING.discard([proc for _, proc, _ in running])
         for _, proc, _ in running:
             if proc.stdout:
                 proc.stdout.close()
@@ -1116,10 +1186,13 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 # Where a backup came from, recorded on it as user properties planb-pvesync:KEY.
 PROPERTY_PREFIX = 'planb-pvesync:'
 RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
+# Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
+# marks its snapshots (planb-transport, with SyncOptions.owner).
+OWNER_PROPERTY = 'planb:owner'
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
                   'logicalreferenced', 'used', 'encryption', 'encryptionroot',
                   'receive_resume_token', 'clones',
-                  *(PROPERTY_PREFIX + key for key in RECORDED_KEYS))
+                  *(PROPERTY_PREFIX + key for key in RECORDED_KEYS), OWNER_PROPERTY)
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
 TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
@@ -1135,6 +1208,7 @@ class Snapshot:
     size: int = 0                   # logicalreferenced: a full stream's size
     bookmark: bool = False
     cloned: bool = False            # a clone depends on it (a mounted restore point)
+    owner: Optional[str] = None     # OWNER_PROPERTY; bookmarks have none
 
     @property
     def ref(self) -> str:
@@ -1172,15 +1246,15 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
                 name=short, guid=int(row['guid']), createtxg=int(row['createtxg']),
                 creation=_int(row['creation']), written=_int(row['written']),
                 size=_int(row['logicalreferenced']),
-                bookmark=row['type'] == 'bookmark', cloned=row['clones'] not in ('-', '')))
+                bookmark=row['type'] == 'bookmark', cloned=row['clones'] not in ('-', ''),
+                owner=_value(row.get(OWNER_PROPERTY))))
         else:
-            token = row['receive_resume_token']
             fields[name] = dict(
                 name=name, type=row['type'], written=_int(row['written']),
                 used=_int(row['used']),
                 encrypted=row['encryption'] not in ('off', '-', ''),
-                encryption_root=None if row['encryptionroot'] in ('-', '') else row['encryptionroot'],
-                resume_token=None if token in ('-', '') else token,
+                encryption_root=_value(row['encryptionroot']),
+                resume_token=_value(row['receive_resume_token']),
                 recorded={key: row[PROPERTY_PREFIX + key] for key in RECORDED_KEYS
                           if row[PROPERTY_PREFIX + key] not in ('-', '')})
     return {name: Dataset(snapshots=tuple(sorted(
@@ -1210,6 +1284,11 @@ def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
 
 def _int(text):
     return int(text) if text.isdigit() else 0
+
+
+def _value(text):
+    """A property's value; None for zfs list's '-' (not set)."""
+    return None if text in (None, '-', '') else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1454,18 +1533,20 @@ def _bucket(period, when):
 
 
 def prune_source(snapshots: Sequence[Snapshot], keep: int, prefix: str,
-                 protect: Collection[int] = ()) -> List[Snapshot]:
+                 protect: Collection[int] = (), owner: Optional[str] = None) -> List[Snapshot]:
     """The tool's own snapshots to destroy on the source, oldest first: all but
     the newest `keep`, and never a protected one (by guid) or one a clone
-    depends on."""
+    depends on. With `owner`, its own are those marked with it
+    (OWNER_PROPERTY), not those its names say."""
     if keep < 1:
         raise ValueError('keep at least 1 snapshot on the source, not {}'.format(keep))
-    own = sorted((s for s in snapshots if _is_own(s, prefix)), key=lambda s: s.createtxg)
+    own = sorted((s for s in snapshots if _is_own(s, prefix, owner)),
+                 key=lambda s: s.createtxg)
     return [s for s in own[:-keep] if s.guid not in protect and not s.cloned]
 
 
-def bookmark_changes(src: Dataset, base: Optional[int],
-                     prefix: str) -> Tuple[Optional[Snapshot], List[Snapshot]]:
+def bookmark_changes(src: Dataset, base: Optional[int], prefix: str,
+                     owner: Optional[str] = None) -> Tuple[Optional[Snapshot], List[Snapshot]]:
     """(the snapshot `base` to bookmark, or None when it has a bookmark
     already; the tool's other bookmarks, to destroy). Nothing without a base."""
     if base is None:
@@ -1476,13 +1557,25 @@ def bookmark_changes(src: Dataset, base: Optional[int],
         snapshot = None
     elif snapshot is None:      # neither: keep every bookmark, one may be the base
         return None, []
-    old = [m for m in marks if m.guid != base and tool_snapshot_time(m.name, prefix) is not None]
-    return snapshot, old
+    return snapshot, [m for m in _own_marks(src, prefix, owner) if m.guid != base]
 
 
-def _is_own(snap, prefix):
-    return (not snap.bookmark and not TRANSIENT_SNAPSHOT.fullmatch(snap.name)
-            and tool_snapshot_time(snap.name, prefix) is not None)
+def _is_own(snap, prefix, owner=None):
+    if snap.bookmark or TRANSIENT_SNAPSHOT.fullmatch(snap.name):
+        return False
+    if owner is not None:
+        return snap.owner == owner
+    return tool_snapshot_time(snap.name, prefix) is not None
+
+
+def _own_marks(src, prefix, owner):
+    """The tool's bookmarks on `src`. A bookmark holds no user property, so
+    with an owner it is the tool's when it marks one of the tool's snapshots."""
+    marks = [s for s in src.snapshots if s.bookmark]
+    if owner is None:
+        return [m for m in marks if tool_snapshot_time(m.name, prefix) is not None]
+    own = {s.guid for s in src.snapshots if _is_own(s, prefix, owner)}
+    return [m for m in marks if m.guid in own]
 
 
 # ==============================================================================
@@ -1605,6 +1698,8 @@ class SyncJob:
 class SyncOptions:
     transfer: TransferOptions = TransferOptions()
     snapshot_prefix: str = 'planb'
+    snapshot_name: Optional[str] = None     # fixed (PlanB's); None: PREFIX-TIME of now
+    owner: Optional[str] = None     # mark snapshots OWNER_PROPERTY=owner; prune only those
     make_snapshot: bool = True
     snapshot_reuse_age: int = 0     # seconds; 0: always make a fresh one
     intermediates: bool = True
@@ -1794,13 +1889,17 @@ class SyncRun:
         if not self.opts.make_snapshot:
             return
         now = time.time()
-        name = snapshot_name(self.opts.snapshot_prefix, now)
+        name = self.opts.snapshot_name or snapshot_name(self.opts.snapshot_prefix, now)
         each_host(jobs, lambda host, host_jobs: self._snapshot_host(
             host_jobs, name, now))
 
     def _snapshot_host(self, jobs, name, now):
         groups = {}
         for job in jobs:
+            if self._has_snapshot(job, name):
+                log.info('%s: @%s exists already (an earlier run made it); '
+                         'sending that one', job.src, name)
+                continue
             groups.setdefault(job.group or job.src, []).append(job)
         due = {group: group_jobs for group, group_jobs in groups.items()
                if needs_snapshot([self.src[(j.src_host.name, j.src)] for j in group_jobs],
@@ -1815,6 +1914,10 @@ class SyncRun:
                     alone = [job for job in group_jobs if job in shared]
                     if alone:
                         self._snapshot(alone, name, now)
+
+    def _has_snapshot(self, job, name) -> bool:
+        return any(s.name == name and not s.bookmark
+                   for s in self.src[(job.src_host.name, job.src)].snapshots)
 
     def _snapshot_frozen(self, group, jobs, name, now):
         try:
@@ -1832,7 +1935,9 @@ class SyncRun:
         matters only once it is on the destination, which is listed anew.
         """
         host = jobs[0].src_host
-        cmd = host.zfs('snapshot', *sorted('{}@{}'.format(j.src, name) for j in jobs))
+        owner = self.opts.owner
+        mark = ['-o', '{}={}'.format(OWNER_PROPERTY, owner)] if owner else []
+        cmd = host.zfs('snapshot', *mark, *sorted('{}@{}'.format(j.src, name) for j in jobs))
         try:
             if self.opts.dry_run:
                 self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
@@ -1845,7 +1950,8 @@ class SyncRun:
         log.info('%s: snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
         for job in jobs:
             key = (host.name, job.src)
-            newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
+            newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now),
+                              owner=self.opts.owner)
             self.src[key] = dataclasses.replace(
                 self.src[key], snapshots=self.src[key].snapshots + (newest,))
         return True
@@ -1950,11 +2056,11 @@ class SyncRun:
         host, opts = job.src_host, self.opts
         mark, old_marks = None, []
         if opts.bookmarks:
-            mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix)
+            mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix, opts.owner)
         doomed = []
         if opts.keep_source:
             doomed = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
-                                  protect={base})
+                                  protect={base}, owner=opts.owner)
         cmds = []
         if mark:
             cmds.append(host.zfs('bookmark', job.src + mark.ref,
@@ -2776,6 +2882,161 @@ def _partition_number(device) -> int:
 
 
 # ==============================================================================
+# PlanB: the tool as a fileset's exec transport, one guest per fileset
+# ==============================================================================
+
+# PlanB names a run's snapshot PREFIX-YYYYMMDDTHHMMZ (UTC, to the minute) and
+# rotates only names of that shape; it takes any other name for a manual one.
+PLANB_SNAPSHOT = re.compile(r'([a-z0-9]([a-z0-9-]*[a-z0-9])?-)?[0-9]{8}T[0-9]{4}Z')
+PLANB_GUID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:-]*')
+PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+')
+PLANB_ENVIRONMENT = ('planb_guid', 'planb_storage_name', 'planb_snapshot_target')
+# planb:contains=filesystems: PlanB rotates the fileset dataset's children, and
+# sums their sizes, instead of the dataset itself.
+PLANB_CONTAINS = 'planb:contains'
+# The transport's flags a fileset needs: the tool makes the snapshot PlanB
+# names (so PlanB makes none of the empty dataset), PlanB rotates the children.
+PLANB_FLAGS = (('can_create_snapshot', True), ('can_rotate_snapshot', False))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanbFileset:
+    """What PlanB's exec transport tells its command about the fileset."""
+    guid: str               # planb_guid: this PlanB install
+    dataset: str            # planb_storage_name: POOL/HOSTGROUP-NAME
+    snapshot: str           # planb_snapshot_target: PREFIX-YYYYMMDDTHHMMZ
+    data_dir: str = ''      # planb_storage_destination: its mounted data/
+
+
+def planb_fileset(environ) -> PlanbFileset:
+    """PlanB's environment, checked; a UsageError outside PlanB."""
+    missing = [key for key in PLANB_ENVIRONMENT if not environ.get(key)]
+    if missing:
+        raise UsageError('planb-transport is the transport_command of a PlanB '
+                         'fileset, and PlanB sets {}; not set here: {} (see '
+                         'list-planb-filesets)'.format(', '.join(PLANB_ENVIRONMENT),
+                                                       ', '.join(missing)))
+    fileset = PlanbFileset(environ['planb_guid'], environ['planb_storage_name'],
+                           environ['planb_snapshot_target'],
+                           environ.get('planb_storage_destination', ''))
+    for key, value, pattern in (('planb_guid', fileset.guid, PLANB_GUID),
+                                ('planb_storage_name', fileset.dataset, PLANB_DATASET),
+                                ('planb_snapshot_target', fileset.snapshot, PLANB_SNAPSHOT)):
+        if not pattern.fullmatch(value):
+            raise UsageError('{}={!r} is not what PlanB sets'.format(key, value))
+    return fileset
+
+
+def planb_escape(text: str) -> str:
+    """`text` as a dataset name that PlanB shows as `text` again, escaped as
+    its own zfssync escapes: '/' becomes '-', and every byte but a letter, a
+    digit, ':' and a '.' that does not lead becomes _xHH."""
+    words = []
+    for i, char in enumerate(text):
+        if char == '/':
+            words.append('-')
+        elif char.isascii() and (char.isalnum() or char == ':' or (char == '.' and i)):
+            words.append(char)
+        else:
+            words += ['_x{:02x}'.format(byte) for byte in char.encode()]
+    return ''.join(words)
+
+
+def planb_child(fileset: PlanbFileset, volume: PveVolume) -> str:
+    """The dataset that receives `volume`: a child of the fileset's dataset
+    (never the dataset itself: PlanB's data/ lives there), that PlanB lists
+    as STORAGE/VOLUME."""
+    return '{}/{}'.format(fileset.dataset, planb_escape(
+        '{}/{}'.format(volume.storage, volume.name)))
+
+
+def planb_sync_options(fileset: PlanbFileset, opts: SyncOptions) -> SyncOptions:
+    """`opts` as PlanB needs them: the snapshot PlanB names, marked as this
+    PlanB's (a second run in the same minute sends the one the first made),
+    only this PlanB's snapshots pruned on the source, no retention here (PlanB
+    rotates), and a volume another run holds waited for, not skipped."""
+    return dataclasses.replace(
+        opts, snapshot_name=fileset.snapshot, owner=fileset.guid, make_snapshot=True,
+        snapshot_prefix=fileset.snapshot.rpartition('-')[0], snapshot_reuse_age=0,
+        keep_destination=(), thin_foreign=False, wait=True)
+
+
+def prepare_planb_dataset(host, fileset: PlanbFileset, dry_run: bool):
+    """Check the fileset's dataset; the first time, mark it PLANB_CONTAINS
+    =filesystems, unless its data/ holds files (another transport's)."""
+    try:
+        kind, contains = host.run(host.zfs(
+            'get', '-H', '-p', '-o', 'value', 'type,' + PLANB_CONTAINS,
+            fileset.dataset)).splitlines()
+    except CommandError as exc:
+        raise PvesyncError('planb_storage_name {}: {}; PlanB makes it before it runs '
+                           'the transport'.format(fileset.dataset, exc))
+    if kind != 'filesystem':
+        raise PvesyncError('planb_storage_name {} is a {}, not the filesystem PlanB '
+                           'makes for a fileset'.format(fileset.dataset, kind))
+    if contains == 'filesystems':
+        return
+    if os.path.isdir(fileset.data_dir) and os.listdir(fileset.data_dir):
+        raise PvesyncError(
+            '{} holds files: this fileset was backed up by another transport, and '
+            'PlanB would stop rotating their snapshots; give the guest a fileset of '
+            'its own'.format(fileset.data_dir))
+    cmd = host.zfs('set', PLANB_CONTAINS + '=filesystems', fileset.dataset)
+    if dry_run:
+        print('would run here: ' + shlex.join(cmd))
+    else:
+        host.run(cmd)
+        log.info('%s: set %s=filesystems: PlanB rotates its children',
+                 fileset.dataset, PLANB_CONTAINS)
+
+
+def nothing_to_back_up(guest: PveGuest) -> Optional[str]:
+    """Why the guest has no volume to back up; None when it has one, or its
+    volumes are unknown."""
+    if guest.volumes is None or any(v.skip is None for v in guest.volumes):
+        return None
+    return 'nothing to back up ({})'.format(
+        ', '.join('{}: {}'.format(v.key, v.skip) for v in guest.volumes) or 'no disk')
+
+
+def planb_fileset_rows(cluster: PveCluster, guests: Sequence[PveGuest],
+                       command: Sequence[str]) -> List[dict]:
+    """Each guest as a PlanB fileset: host group the cluster, friendly name
+    the guest's (with its vmid where two guests share it), and the
+    transport_command, `command` and the vmid."""
+    names = [g.label for g in cluster.guests]
+    rows = []
+    for guest in guests:
+        name = guest.label if names.count(guest.label) == 1 else '{}-{}'.format(
+            guest.label, guest.vmid)
+        volumes = None if guest.volumes is None else [
+            '{}/{}'.format(v.storage, v.name) for v in guest.volumes if v.skip is None]
+        rows.append(dict(
+            hostgroup=cluster.name, friendly_name=name, vmid=guest.vmid, type=guest.type,
+            node=guest.node, template=guest.template, volumes=volumes,
+            note=nothing_to_back_up(guest) or guest.note,
+            transport_command=shlex.join([*command, str(guest.vmid)]), **dict(PLANB_FLAGS)))
+    return rows
+
+
+def format_planb_filesets(rows: Sequence[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        if row['volumes'] == []:
+            lines.append('{hostgroup}/{friendly_name}(vmid={vmid};{note})'.format(**row))
+            continue
+        what = ('volumes unknown: ' + row['note'] if row['volumes'] is None
+                else '{} volume(s)'.format(len(row['volumes'])))
+        flags = ';'.join('{}={}'.format(key, 'yes' if row[key] else 'no')
+                         for key, _ in PLANB_FLAGS)
+        lines += ['{}/{}(vmid={};{}{};{})'.format(
+            row['hostgroup'], row['friendly_name'], row['vmid'], what,
+            ';template' if row['template'] else '', flags),
+            '  ' + row['transport_command']]
+    return lines
+
+
+# ==============================================================================
 # The command line
 # ==============================================================================
 
@@ -2885,6 +3146,9 @@ def _print_listing(args, rows, formatter):
             print(line)
 
 
+GUEST_SYNC_COMMANDS = ('sync-pve-guest', 'planb-transport')
+
+
 class Session:
     """What one command needs: the config, the cluster's API, ssh hosts."""
 
@@ -2928,9 +3192,9 @@ class Session:
 
     def retention(self) -> Tuple[Optional[int], Tuple]:
         """(keep_source, keep_destination): the options, else the config's
-        for sync-pve-guest, else the defaults."""
+        for a cluster's guests, else the defaults."""
         args = self.args
-        config = (self.cluster_config() if args.command == 'sync-pve-guest'
+        config = (self.cluster_config() if args.command in GUEST_SYNC_COMMANDS
                   else ClusterConfig(name='', host=''))
         return (getattr(args, 'keep_source', config.keep_source),
                 getattr(args, 'keep_destination', config.keep_destination))
@@ -3000,17 +3264,62 @@ def cmd_sync_pve_guest(session: Session) -> int:
     rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
     jobs = []
     for guest in guests:
-        config = kept_config(cluster.name, guest) if guest.config is not None else None
-        if guest.config is not None and config is None:
-            log.warning('%s (%s): its config is too large to keep with the backup (over '
-                        '%d bytes); its disks are backed up', guest.vmid, guest.label,
-                        MAX_PROPERTY_VALUE)
+        config = config_to_keep(cluster.name, guest)
         jobs += [guest_job(root, cluster.name, guest, volume,
                            session.volume_host(cluster, guest, volume), config)
                  for volume in guest.volumes or () if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
     status = run_jobs(session, jobs, freeze)
     return EXIT_FAILED if unknown else status
+
+
+def cmd_list_planb_filesets(session: Session) -> int:
+    args = session.args
+    api, cluster = session.connect()
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, session.selection()))
+    config = ([] if args.config == DEFAULT_CONFIG else
+              ['-f', os.path.abspath(os.path.expanduser(args.config))])
+    command = ['planb-pvesync', *config, '-p', cluster.name, 'planb-transport']
+    _print_listing(args, planb_fileset_rows(cluster, guests, command), format_planb_filesets)
+    return EXIT_OK
+
+
+def cmd_planb_transport(session: Session) -> int:
+    """One guest, by vmid, into the PlanB fileset whose exec transport runs this."""
+    args = session.args
+    if args.pve_guest or args.sync_zfs_root:
+        raise UsageError('planb-transport takes the guest by its vmid alone and '
+                         'receives into $planb_storage_name: drop -g and --sync-zfs-root')
+    fileset = planb_fileset(os.environ)
+    api, cluster = session.connect()
+    found = [g for g in cluster.guests if g.vmid == args.vmid]
+    if not found:
+        raise UsageError('no guest with vmid {} in cluster {} (deleted, or the API user '
+                         'lacks VM.Audit on it)'.format(args.vmid, cluster.name))
+    guest, = read_guest_volumes(api, cluster, found)
+    if guest.volumes is None:
+        raise PvesyncError('guest {} ({}): volumes unknown: {}'.format(
+            guest.vmid, guest.label, guest.note))
+    nothing = nothing_to_back_up(guest)
+    if nothing:
+        raise PvesyncError('guest {} ({}) has {}'.format(guest.vmid, guest.label, nothing))
+    config = config_to_keep(cluster.name, guest)
+    jobs = [volume_job(planb_child(fileset, volume), cluster.name, guest, volume,
+                       session.volume_host(cluster, guest, volume), config)
+            for volume in guest.volumes if volume.skip is None]
+    prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
+    freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
+    return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
+
+
+def config_to_keep(cluster: str, guest: PveGuest) -> Optional[str]:
+    """kept_config, saying so when it does not fit in a ZFS property."""
+    config = kept_config(cluster, guest) if guest.config is not None else None
+    if guest.config is not None and config is None:
+        log.warning('%s (%s): its config is too large to keep with the backup (over '
+                    '%d bytes); its disks are backed up', guest.vmid, guest.label,
+                    MAX_PROPERTY_VALUE)
+    return config
 
 
 def rename_guest_backups(here, root, cluster, guests, dry_run):
@@ -3031,9 +3340,16 @@ def rename_guest_backups(here, root, cluster, guests, dry_run):
 
 def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
               host, config: Optional[str] = None) -> SyncJob:
-    """DEST/GUEST/STORAGE--VOLUME, recording where it came from, and keeping
-    the guest's `config` (kept_config) with each snapshot it brings."""
-    dst = '{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name)
+    """DEST/GUEST/STORAGE--VOLUME, recording where it came from."""
+    return volume_job('{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name),
+                      cluster, guest, volume, host, config)
+
+
+def volume_job(dst: str, cluster: str, guest: PveGuest, volume: PveVolume,
+               host, config: Optional[str] = None) -> SyncJob:
+    """`volume` into `dst`, recording where it came from and keeping the
+    guest's `config` (kept_config) with each snapshot it brings; a guest's
+    volumes are snapshotted at once."""
     props = (('cluster', cluster), ('node', guest.node), ('storage', volume.storage),
              ('volume', volume.volume), ('vmid', str(guest.vmid)))
     return SyncJob(src_host=host, src=volume.dataset, dst=dst, group=str(guest.vmid),
@@ -3158,11 +3474,10 @@ def cmd_sync_filesystem(session: Session) -> int:
     return run_jobs(session, [job], None)
 
 
-def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
+def sync_options(session: Session) -> SyncOptions:
     args = session.args
-    started = time.monotonic()
     keep_source, keep_destination = session.retention()
-    opts = SyncOptions(
+    return SyncOptions(
         transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
                                  progress=args.progress, bwlimit=args.bwlimit),
         snapshot_prefix=args.snapshot_prefix, make_snapshot=not args.no_snapshot,
@@ -3172,7 +3487,15 @@ def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
         wait=args.wait, lock_dir=args.lock_dir, jobs=args.jobs,
         jobs_per_node=args.jobs_per_node, keep_source=keep_source,
         keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
-    results = SyncRun(jobs, LocalHost(), opts, freeze=freeze).run()
+
+
+def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze,
+             opts: Optional[SyncOptions] = None) -> int:
+    """Sync `jobs` with `opts` (default: the command line's), then print the
+    results; exit 1 when one failed."""
+    args = session.args
+    started = time.monotonic()
+    results = SyncRun(jobs, LocalHost(), opts or sync_options(session), freeze=freeze).run()
     for result in results:
         if result.status == 'failed':
             log.error('%s', format_result(result))
@@ -3574,16 +3897,9 @@ def _add_transfer_options(parser):
                              '/run/lock/planb-pvesync)')
 
 
-def _add_sync_options(parser):
+def _add_sync_options(parser, planb=False):
+    """The sync options; for planb-transport without those PlanB decides."""
     _add_transfer_options(parser)
-    parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
-                        help='name of the snapshots this tool makes: '
-                             'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
-    parser.add_argument('--no-snapshot', action='store_true',
-                        help='make no snapshot; send what the source has')
-    parser.add_argument('--snapshot-reuse-age', type=int, default=0, metavar='SECONDS',
-                        help='make no snapshot when the source has one younger '
-                             'than this (default: %(default)s, always make one)')
     parser.add_argument('--no-intermediates', action='store_true',
                         help='send only the newest snapshot (zfs send -i, not -I)')
     parser.add_argument('--rollback', action='store_true',
@@ -3592,9 +3908,6 @@ def _add_sync_options(parser):
     parser.add_argument('--destroy-diverged', action='store_true',
                         help='destroy a destination that shares no snapshot with '
                              'its source, and copy it anew')
-    parser.add_argument('--wait', action='store_true',
-                        help='wait for another run that holds a volume, instead '
-                             'of skipping it')
     parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
                         help='transfers at once, in all (default: %(default)s)')
     parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
@@ -3606,6 +3919,31 @@ def _add_sync_options(parser):
                              'source, and always the newest one the backup has '
                              '(default: keep_source= in the config, else {})'.format(
                                  DEFAULT_KEEP_SOURCE))
+    parser.add_argument('--json', action='store_true',
+                        help='print the results as JSON instead of lines')
+    if planb:
+        parser.set_defaults(**dict.fromkeys(PLANB_DECIDED_OPTIONS))
+    else:
+        _add_options_planb_decides(parser)
+
+
+# What planb-transport takes from PlanB (planb_sync_options), not from options.
+PLANB_DECIDED_OPTIONS = ('snapshot_prefix', 'no_snapshot', 'snapshot_reuse_age', 'wait',
+                         'thin_foreign_snapshots')
+
+
+def _add_options_planb_decides(parser):
+    parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
+                        help='name of the snapshots this tool makes: '
+                             'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
+    parser.add_argument('--no-snapshot', action='store_true',
+                        help='make no snapshot; send what the source has')
+    parser.add_argument('--snapshot-reuse-age', type=int, default=0, metavar='SECONDS',
+                        help='make no snapshot when the source has one younger '
+                             'than this (default: %(default)s, always make one)')
+    parser.add_argument('--wait', action='store_true',
+                        help='wait for another run that holds a volume, instead '
+                             'of skipping it')
     parser.add_argument('--keep-destination', metavar='SCHEDULE|all',
                         default=argparse.SUPPRESS, type=_option_type(parse_keep_destination),
                         help="thin this tool's snapshots on the backup host, e.g. "
@@ -3614,8 +3952,6 @@ def _add_sync_options(parser):
     parser.add_argument('--thin-foreign-snapshots', action='store_true',
                         help='let --keep-destination also destroy snapshots this '
                              'tool did not make')
-    parser.add_argument('--json', action='store_true',
-                        help='print the results as JSON instead of lines')
 
 
 def _add_status_options(parser):
@@ -3692,6 +4028,14 @@ def _option_type(parse):
     return convert
 
 
+def _vmid(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            "{!r} is no vmid; give the guest's number, not its name, so that a "
+            'rename in PVE does not break the fileset'.format(text))
+    return int(text)
+
+
 def _positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError('{!r} is not a whole number of 1 or more'.format(text))
@@ -3712,6 +4056,10 @@ COMMANDS = {
                             "mount a restore point's volume read-only here"),
     'unmount-restore-point': (cmd_unmount_restore_point,
                               'undo mount-restore-point'),
+    'list-planb-filesets': (cmd_list_planb_filesets,
+                            'list the guests as PlanB filesets, with their transport_command'),
+    'planb-transport': (cmd_planb_transport,
+                        "back up one guest as a PlanB fileset's exec transport"),
 }
 
 
@@ -3744,16 +4092,19 @@ def build_parser() -> argparse.ArgumentParser:
             _add_restore_options(sub)
         if name.endswith('mount-restore-point'):
             _add_mount_options(sub, name)
-        if name in ('list-pve-guests', 'sync-pve-guest', 'status'):
+        if name in ('list-pve-guests', 'sync-pve-guest', 'status', 'list-planb-filesets'):
             _add_selection_options(sub)
-        if name.startswith('sync-'):
-            _add_sync_options(sub)
+        if name.startswith('sync-') or name == 'planb-transport':
+            _add_sync_options(sub, planb=name == 'planb-transport')
         if name == 'status':
             _add_status_options(sub)
-        if name == 'sync-pve-guest':
+        if name in GUEST_SYNC_COMMANDS:
             sub.add_argument('--fsfreeze', action='store_true',
                              help='freeze the guest filesystems through the QEMU '
                                   'guest agent around the snapshot')
+        if name == 'planb-transport':
+            sub.add_argument('vmid', metavar='VMID', type=_vmid,
+                             help="the guest's vmid (not its name, which may change)")
         if name == 'sync-filesystem':
             sub.add_argument('src', metavar='SRC', help='[USER@]HOST:POOL/DATASET or '
                              'POOL/DATASET')
@@ -3780,6 +4131,20 @@ def setup_logging(verbose: int, quiet: bool):
                  else logging.WARNING)
 
 
+@contextlib.contextmanager
+def handle_stop_signals():
+    """SIGINT, SIGTERM and SIGHUP end every running pipeline and raise
+    Stopped in the main thread: locks are released and ssh connections closed
+    on the way out, and the exit status is 128 plus the signal's number."""
+    RUNNING.stopped_by = None
+    previous = {signum: signal.signal(signum, RUNNING.on_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -3789,19 +4154,23 @@ def main(argv=None) -> int:
     setup_logging(args.verbose, args.quiet)
     session = Session(args)
     try:
-        return args.func(session)
+        with handle_stop_signals():
+            try:
+                return args.func(session)
+            finally:
+                session.close()
     except PvesyncError as exc:
         log.error('%s', exc, exc_info=args.verbose >= 2)
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error('interrupted')
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, 'signum', signal.SIGINT)
+        log.error('stopped by %s; a transfer it cut short resumes on the next run',
+                  signal.Signals(signum).name)
+        return EXIT_STOPPED + signum
     except Exception as exc:     # a bug: still one line, unless asked for more
         log.error('internal error: %s: %s (--debug shows where)',
                   type(exc).__name__, exc, exc_info=args.verbose >= 2)
         return EXIT_FAILED
-    finally:
-        session.close()
 
 
 if __name__ == '__main__':

@@ -1,5 +1,10 @@
 """Command building (pure) and the pipeline runner (real local processes)."""
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +13,7 @@ from planb_pvesync import (
     SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
     receive_props, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
 
+REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
 
 
@@ -151,3 +157,63 @@ def test_run_pipeline_missing_program():
     with pytest.raises(CommandError, match='nope failed .exit 127.: '
                        '/nonexistent/program: No such file or directory'):
         run_pipeline([Stage('seq', ['seq', '10']), Stage('nope', ['/nonexistent/program'])])
+
+
+# A run with pipelines in the main thread and in two worker threads (as --jobs
+# makes), stopped by a signal sent to it alone, not to its children.
+STOPPED_RUN = '''
+import sys, threading
+import planb_pvesync as p
+
+stages = [p.Stage('sleep', ['sleep', '300']), p.Stage('cat', ['cat'])]
+
+def lane():
+    try:
+        p.run_pipeline(stages)
+    except p.Stopped:
+        print('lane stopped', flush=True)
+
+with p.handle_stop_signals():
+    lanes = [threading.Thread(target=lane) for _ in range(2)]
+    try:
+        for thread in lanes:
+            thread.start()
+        p.run_pipeline(stages)
+    except p.Stopped as exc:
+        for thread in lanes:
+            thread.join()
+        sys.exit(p.EXIT_STOPPED + exc.signum)
+'''
+
+
+def processes(**match):
+    """{pid: command} of the processes whose /proc/PID/stat fields match,
+    e.g. ppid=123 or session=123."""
+    fields = ('state', 'ppid', 'pgrp', 'session')
+    found = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/{}/stat'.format(pid)) as stat:
+                name, rest = stat.read().rsplit(')', 1)
+        except OSError:
+            continue
+        values = dict(zip(fields, rest.split()))
+        if all(values[key] == str(value) for key, value in match.items()):
+            found[int(pid)] = name.split('(', 1)[1]
+    return found
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
+    run = subprocess.Popen([sys.executable, '-c', STOPPED_RUN], stdout=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 60        # a guard against a hang, no timing
+    while list(processes(ppid=run.pid).values()).count('sleep') < 3:
+        assert run.poll() is None and time.monotonic() < deadline, 'no three pipelines'
+        time.sleep(0.05)
+    os.kill(run.pid, signum)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 128 + signum
+    assert out.splitlines() == ['lane stopped'] * 2
+    assert processes(session=run.pid) == {}

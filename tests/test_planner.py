@@ -124,12 +124,13 @@ def test_nothing_to_send():
 
 
 def test_parse_zfs_list():
-    def row(*fields, recorded=('-',) * 6):
-        return '\t'.join(fields + recorded) + '\n'
+    def row(*fields, recorded=('-',) * 6, owner='-'):
+        return '\t'.join(fields + recorded + (owner,)) + '\n'
     text = (row('rpool/data/vm-1-disk-0', 'volume', '1', '5', '1700000000', '4096',
                 '8388608', '9000000', 'off', '-', '-', '-')
             + row('rpool/data/vm-1-disk-0@my snap:1', 'snapshot', '11', '6', '1700000001',
-                  '512', '8388608', '512', '-', '-', '-', 'tank/enc/_restore/x')
+                  '512', '8388608', '512', '-', '-', '-', 'tank/enc/_restore/x',
+                  owner='1d6f3c4e-5a7b')
             + row('rpool/data/vm-1-disk-0#my snap:1', 'bookmark', '11', '6', '1700000001',
                   '-', '-', '-', '-', '-', '-', '-')
             + row('tank/enc/x', 'filesystem', '2', '9', '1700000000', '0', '0', '0',
@@ -139,8 +140,9 @@ def test_parse_zfs_list():
     vol = found['rpool/data/vm-1-disk-0']
     assert (vol.type, vol.written, vol.used, vol.encrypted, vol.resume_token) == (
         'volume', 4096, 9000000, False, None)
-    assert [(s.name, s.guid, s.bookmark, s.ref, s.cloned) for s in vol.snapshots] == [
-        ('my snap:1', 11, False, '@my snap:1', True), ('my snap:1', 11, True, '#my snap:1', False)]
+    assert [(s.name, s.guid, s.bookmark, s.ref, s.cloned, s.owner) for s in vol.snapshots] == [
+        ('my snap:1', 11, False, '@my snap:1', True, '1d6f3c4e-5a7b'),
+        ('my snap:1', 11, True, '#my snap:1', False, None)]
     assert vol.recorded == {}
     fs = found['tank/enc/x']
     assert fs.encrypted and fs.resume_token == '1-ab-cd-ef' and fs.snapshots == ()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    Dataset, GuestBackup, PveGuest, PveStorage, RestorePoint, Snapshot, UsageError,
+    Dataset, GuestBackup, PveGuest, PveStorage, Snapshot, UsageError,
     choose_partition, choose_restore_point, empty_template_tarball, find_guest_backup,
     kept_config, next_free_name, parse_kept_config, plan_restore, restore_points,
     restore_privileges, restore_states, restored_config, restored_volume_name,

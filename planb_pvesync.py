@@ -44,7 +44,7 @@ import requests
 import requests.adapters
 import urllib3
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 log = logging.getLogger('planb_pvesync')
 

@@ -6,7 +6,8 @@ pulls each disk with `ssh NODE 'sudo zfs send ... | compress' | decompress |
 sudo zfs recv DEST`, incrementally, from snapshot to snapshot.
 
 Read top to bottom: errors, config, PVE discovery, the host runner, the ZFS
-listing and the sync planner, the pipeline, the sync engine, the CLI.
+listing and the sync planner, the pipeline, the sync engine, status, PlanB
+(the engine as a PlanB fileset's transport), the CLI.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
@@ -44,7 +46,7 @@ import requests.adapters
 import urllib3
 import urllib3.util
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 log = logging.getLogger('planb_pvesync')
 
@@ -69,7 +71,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1         # some volumes failed; the others were still attempted
 EXIT_USAGE = 2          # usage or config error, as argparse
 EXIT_CANNOT_START = 3   # could not start (API or ssh down); nothing changed
-EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 128      # plus the signal: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
 
 
 class PvesyncError(Exception):
@@ -501,6 +503,7 @@ class PveStorage:
     path: Optional[str]
     pool: Optional[str]
     nodes: Optional[frozenset]      # None: every node
+    content: frozenset = frozenset()    # images, rootdir, vztmpl, iso, backup, ...
 
     def on_node(self, node: str) -> bool:
         return self.nodes is None or node in self.nodes
@@ -535,6 +538,7 @@ class PveGuest:
     volumes: Optional[Tuple[PveVolume, ...]] = None   # None: not read (yet)
     note: Optional[str] = None      # why the volumes are unknown
     agent: bool = False             # the QEMU guest agent is enabled
+    config: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -620,9 +624,39 @@ def _natural_key(key):
     return (key.startswith('unused'), match.group(1), int(match.group(2) or 0))
 
 
-# Every request is safe to send again (a read, a login, a thaw) but a freeze:
-# a second one fails while the first holds, and then no thaw would follow.
-UNREPEATABLE = ('/fsfreeze-freeze',)
+# ZFS keeps at most this many bytes in a user property.
+MAX_PROPERTY_VALUE = 8191
+
+
+def kept_config(cluster: str, guest: PveGuest) -> Optional[str]:
+    """The guest's config as it is kept with each snapshot of its disks:
+    compact JSON of where it ran and what the API said (without its digest),
+    readable with `zfs get`. A description that does not fit is left out;
+    None when even the rest does not fit."""
+    config = {key: value for key, value in guest.config.items() if key != 'digest'}
+    for attempt in (config, dict(config, description=None)):
+        text = json.dumps(dict(cluster=cluster, vmid=guest.vmid, type=guest.type,
+                               node=guest.node, config={
+                                   k: v for k, v in attempt.items() if v is not None}),
+                          sort_keys=True, separators=(',', ':'))
+        if len(text.encode()) <= MAX_PROPERTY_VALUE:
+            return text
+    return None
+
+
+def parse_kept_config(text: str) -> dict:
+    """What kept_config() wrote: cluster, vmid, type, node and config."""
+    kept = json.loads(text)
+    if not (isinstance(kept, dict) and kept.get('type') in ('qemu', 'lxc')
+            and isinstance(kept.get('config'), dict)):
+        raise ValueError('not a config that planb-pvesync kept')
+    return kept
+
+
+# Besides reads, what is safe to send twice: a login, a thaw. Not a freeze:
+# a second one fails while the first holds, and then no thaw would follow;
+# nor what creates, starts or uploads.
+REPEATABLE_POSTS = ('/access/ticket', '/fsfreeze-thaw')
 API_RETRIES = 3                 # tries after the first, when it is safe
 API_BACKOFF = 0.5               # seconds: no wait, then 1 s, then 2 s
 API_RETRY_STATUS = (502, 503, 504)
@@ -659,11 +693,36 @@ class PveApi:
         else:
             self._login()
 
-    def get(self, path: str, **params):
+    def get(self, path: str, /, **params):
         return self._call('GET', path, params)
 
-    def post(self, path: str, **data):
+    def post(self, path: str, /, **data):
         return self._call('POST', path, data)
+
+    def put(self, path: str, /, **data):
+        return self._call('PUT', path, data)
+
+    def upload(self, path: str, filename: str, payload: bytes, /, **form):
+        """A file, as PVE takes one: a multipart POST (proxmoxer's resource
+        layer sends forms only)."""
+        return self._call('POST', path, form, files={'filename': (filename, payload)})
+
+    def wait(self, node: str, upid: str, timeout: int = 900):
+        """Wait for the task that a call started (it answered with its UPID);
+        a task that fails raises PvesyncError with PVE's words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.get('nodes/{}/tasks/{}/status'.format(node, upid))
+            if task.get('status') == 'stopped':
+                outcome = task.get('exitstatus', '')
+                if outcome != 'OK' and not outcome.startswith('WARNINGS'):
+                    raise PvesyncError('{} on {}: {}'.format(task.get('type', 'task'), node,
+                                                             outcome or 'failed'))
+                return
+            if time.monotonic() > deadline:
+                raise PvesyncError('{} on {}: still running after {} s; see its log in '
+                                   'PVE\'s task list'.format(task.get('type', upid), node, timeout))
+            time.sleep(1)
 
     def _login(self):
         data = {'username': self.cluster.user, 'password': self.cluster.password}
@@ -676,7 +735,7 @@ class PveApi:
         return (self._ticket_time is not None and
                 time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER)
 
-    def _call(self, method, path, args, login=False):
+    def _call(self, method, path, args, login=False, files=None):
         if not login and self._ticket_due():
             with self._switch:
                 if self._ticket_due():
@@ -688,16 +747,16 @@ class PveApi:
                   '' if login else ' '.join('{}={}'.format(*kv) for kv in args.items()))
         resource = self._roots[host](path)
         try:
-            if method == 'GET':
-                return resource.get(**args)
-            return resource.post(**args)
+            if files:
+                return self._upload(host, path, args, files)
+            return getattr(resource, method.lower())(**args)
         except proxmoxer.core.ResourceException as exc:
             raise PveError(self._explain_status(host, method, path, exc),
                            exc.status_code)
         except requests.exceptions.RequestException as exc:
-            if (_unanswered(exc) and not path.endswith(UNREPEATABLE)
+            if (_unanswered(exc) and _repeatable(method, path)
                     and self._take_over(host, exc, login)):
-                return self._call(method, path, args, login)
+                return self._call(method, path, args, login, files)
             raise PveError(self._explain_transport(host, exc))
 
     def _take_over(self, failed, exc, login) -> bool:
@@ -716,6 +775,14 @@ class PveApi:
             if self._ticket_time is not None and not login:
                 self._login()
             return True
+
+    def _upload(self, host, path, form, files):
+        answer = self._session.post('https://{}/api2/json/{}'.format(self.hosts[host], path),
+                                    data=form, files=files)
+        if answer.status_code != 200:
+            raise proxmoxer.core.ResourceException(
+                answer.status_code, answer.reason, answer.text)
+        return answer.json()['data']
 
     def _explain_status(self, host, method, path, exc):
         where = self.hosts[host]
@@ -756,6 +823,10 @@ class PveApi:
         return '{}: {}{}'.format(where, problem, tried)
 
 
+def _repeatable(method: str, path: str) -> bool:
+    return method == 'GET' or ('/' + path.split('?')[0]).endswith(REPEATABLE_POSTS)
+
+
 def _unanswered(exc) -> bool:
     """The host did not answer (even when asked again): another may."""
     return (isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
@@ -777,7 +848,7 @@ class _ApiSession(requests.Session):
         if self.verify is False:
             warnings.filterwarnings(
                 'ignore', category=urllib3.exceptions.InsecureRequestWarning)
-        self._adapters = {}     # (host:port, safe to repeat) -> _ApiAdapter
+        self._adapters = {}     # (host:port, a POST safe to repeat) -> _ApiAdapter
         self._adapters_lock = threading.Lock()
 
     def request(self, *args, **kwargs):
@@ -787,7 +858,7 @@ class _ApiSession(requests.Session):
 
     def get_adapter(self, url):
         parts = urllib.parse.urlsplit(url)
-        key = (parts.netloc, not parts.path.endswith(UNREPEATABLE))
+        key = (parts.netloc, parts.path.endswith(REPEATABLE_POSTS))
         with self._adapters_lock:
             if key not in self._adapters:
                 self._adapters[key] = _ApiAdapter(_api_retry(key[1]), self._pin(parts))
@@ -835,14 +906,14 @@ class _ApiRetry(urllib3.util.Retry):
         return retry
 
 
-def _api_retry(repeatable: bool) -> _ApiRetry:
+def _api_retry(posts_too: bool) -> _ApiRetry:
     """A connection that could not be made is tried again always; a request
     whose answer was lost, or that got 502, 503 or 504, only when it is safe
-    to send twice. Anything else (a certificate refused) is not."""
-    again = API_RETRIES if repeatable else 0
-    return _ApiRetry(total=API_RETRIES, connect=API_RETRIES, read=again, status=again,
-                     other=0, backoff_factor=API_BACKOFF, status_forcelist=API_RETRY_STATUS,
-                     allowed_methods=frozenset({'GET', 'POST'}), raise_on_status=False)
+    to send twice: a read, and with `posts_too` a POST. Anything else (a
+    certificate refused) is not."""
+    return _ApiRetry(total=API_RETRIES, other=0, backoff_factor=API_BACKOFF,
+                     status_forcelist=API_RETRY_STATUS, raise_on_status=False,
+                     allowed_methods=frozenset({'GET', 'POST'} if posts_too else {'GET'}))
 
 
 def _server_fingerprint(host, port) -> str:
@@ -893,7 +964,8 @@ def _parse_storage_entry(item) -> PveStorage:
         storage=item['storage'], type=item['type'],
         enabled=not int(item.get('disable', 0)),
         path=item.get('path'), pool=item.get('pool'),
-        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None)
+        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None,
+        content=frozenset(c.strip() for c in item.get('content', '').split(',') if c.strip()))
 
 
 def _parse_guest_entry(item) -> PveGuest:
@@ -983,7 +1055,7 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
                                    guest.vmid, guest.label, guest.node))
             raise
         return dataclasses.replace(
-            guest, agent=_agent_enabled(config.get('agent')),
+            guest, agent=_agent_enabled(config.get('agent')), config=config,
             volumes=parse_guest_volumes(guest.type, config, cluster.storages))
 
     with ThreadPoolExecutor(max_workers=CONFIG_WORKERS) as pool:
@@ -995,6 +1067,71 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
 # ==============================================================================
 
 BROKEN_PIPE = (-signal.SIGPIPE, 128 + signal.SIGPIPE)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived: every running
+    pipeline was ended, and no new one starts."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunningProcesses:
+    """The processes of every running pipeline, in all threads, so that a
+    stop signal ends them all at once: a Ctrl-C at a terminal reaches them by
+    itself, a SIGTERM to the tool alone does not."""
+
+    def __init__(self):
+        # Reentrant: the signal handler runs in the main thread, which may
+        # hold the lock when the signal arrives.
+        self._lock = threading.RLock()
+        self._procs = set()
+        self._starting = threading.local()
+        self.stopped_by = None      # the first stop signal's number
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        """subprocess.Popen, tracked until discard(). A stop signal that
+        arrives meanwhile ends the new process too; check() then raises."""
+        self._starting.now = True
+        try:
+            proc = subprocess.Popen(argv, **kwargs)
+            with self._lock:
+                self._procs.add(proc)
+                if self.stopped_by:
+                    proc.terminate()
+        finally:
+            self._starting.now = False
+        return proc
+
+    def discard(self, procs):
+        with self._lock:
+            self._procs.difference_update(procs)
+
+    def check(self):
+        """Raise Stopped once a stop signal came: nothing new starts then."""
+        if self.stopped_by:
+            raise Stopped(self.stopped_by)
+
+    def on_signal(self, signum, frame):
+        """The handler of the stop signals: SIGTERM to every tracked process
+        (zfs recv -s keeps what it received), SIGKILL at a second signal;
+        then Stopped in the main thread, unless it is starting a process
+        (then its check() raises it)."""
+        with self._lock:
+            first = self.stopped_by is None
+            self.stopped_by = self.stopped_by or signum
+            for proc in self._procs:
+                (proc.terminate if first else proc.kill)()
+        if first and not getattr(self._starting, 'now', False):
+            raise Stopped(signum)
+
+
+RUNNING = RunningProcesses()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1017,12 +1154,13 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
     ended = []      # indexes into `running`, in the order the processes ended
     watchers = []
     try:
+        RUNNING.check()                 # nothing starts once the run is stopping
         stdin = subprocess.DEVNULL
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             errors = None if stage.show_stderr else tempfile.TemporaryFile()
             try:
-                proc = subprocess.Popen(
+                proc = RUNNING.popen(
                     stage.argv, stdin=stdin, stderr=errors,
                     stdout=subprocess.PIPE if capture or not last else subprocess.DEVNULL)
             except OSError as exc:
@@ -1033,9 +1171,11 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             stdin = proc.stdout
             watchers.append(_watch_exit(proc, len(running), ended))
             running.append((stage, proc, errors))
+            RUNNING.check()
         output = running[-1][1].stdout.read() if capture else b''
         for watcher in watchers:
             watcher.join()
+        RUNNING.check()                 # a stop, not a failure, ended them
     except BaseException:
         for _, proc, _ in running:
             if proc.poll() is None:
@@ -1044,6 +1184,7 @@ def run_pipeline(stages: Sequence[Stage], capture=False) -> str:
             proc.wait()
         raise
     finally:
+        RUNNING.discard([proc for _, proc, _ in running])
         for _, proc, _ in running:
             if proc.stdout:
                 proc.stdout.close()
@@ -1218,10 +1359,13 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 # Where a backup came from, recorded on it as user properties planb-pvesync:KEY.
 PROPERTY_PREFIX = 'planb-pvesync:'
 RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
+# Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
+# marks its snapshots (planb-transport, with SyncOptions.owner).
+OWNER_PROPERTY = 'planb:owner'
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
                   'logicalreferenced', 'used', 'encryption', 'keystatus', 'encryptionroot',
-                  'receive_resume_token',
-                  *(PROPERTY_PREFIX + key for key in RECORDED_KEYS))
+                  'receive_resume_token', 'clones',
+                  *(PROPERTY_PREFIX + key for key in RECORDED_KEYS), OWNER_PROPERTY)
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
 TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
@@ -1236,6 +1380,8 @@ class Snapshot:
     written: int = 0                # bytes since the previous snapshot
     size: int = 0                   # logicalreferenced: a full stream's size
     bookmark: bool = False
+    cloned: bool = False            # a clone depends on it (a mounted restore point)
+    owner: Optional[str] = None     # OWNER_PROPERTY; bookmarks have none
 
     @property
     def ref(self) -> str:
@@ -1248,12 +1394,12 @@ class Dataset:
     type: str                       # filesystem or volume
     written: int = 0                # bytes changed since the newest snapshot
     encrypted: bool = False
+    encryption_root: Optional[str] = None   # the dataset whose key this one uses
     resume_token: Optional[str] = None
     snapshots: Tuple[Snapshot, ...] = ()    # oldest first, bookmarks too
     used: int = 0                   # bytes, with its snapshots
     recorded: Dict[str, str] = dataclasses.field(default_factory=dict)  # RECORDED_KEYS
     key_loaded: bool = True         # False: encrypted, and its key is not loaded
-    encryption_root: Optional[str] = None
 
 
 def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
@@ -1274,22 +1420,31 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
                 name=short, guid=int(row['guid']), createtxg=int(row['createtxg']),
                 creation=_int(row['creation']), written=_int(row['written']),
                 size=_int(row['logicalreferenced']),
-                bookmark=row['type'] == 'bookmark'))
+                bookmark=row['type'] == 'bookmark', cloned=row['clones'] not in ('-', ''),
+                owner=_value(row.get(OWNER_PROPERTY))))
         else:
-            token = row['receive_resume_token']
             fields[name] = dict(
                 name=name, type=row['type'], written=_int(row['written']),
                 used=_int(row['used']),
                 encrypted=row['encryption'] not in ('off', '-', ''),
                 key_loaded=row['keystatus'] != 'unavailable',
-                encryption_root=None if row['encryptionroot'] in ('-', '') else
-                row['encryptionroot'],
-                resume_token=None if token in ('-', '') else token,
+                encryption_root=_value(row['encryptionroot']),
+                resume_token=_value(row['receive_resume_token']),
                 recorded={key: row[PROPERTY_PREFIX + key] for key in RECORDED_KEYS
                           if row[PROPERTY_PREFIX + key] not in ('-', '')})
     return {name: Dataset(snapshots=tuple(sorted(
         points.get(name, ()), key=lambda s: (s.createtxg, s.bookmark))), **f)
         for name, f in fields.items()}
+
+
+def up_to(dataset: Dataset, name: Optional[str]) -> Dataset:
+    """`dataset` as it was at its snapshot `name`: what came later left out
+    (None: all of it)."""
+    if name is None:
+        return dataset
+    cut = next(s for s in dataset.snapshots if not s.bookmark and s.name == name)
+    return dataclasses.replace(dataset, written=0, snapshots=tuple(
+        s for s in dataset.snapshots if s.createtxg <= cut.createtxg))
 
 
 def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
@@ -1304,6 +1459,11 @@ def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
 
 def _int(text):
     return int(text) if text.isdigit() else 0
+
+
+def _value(text):
+    """A property's value; None for zfs list's '-' (not set)."""
+    return None if text in (None, '-', '') else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1551,8 +1711,9 @@ def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now
                    foreign: bool = False) -> List[Snapshot]:
     """The backup's snapshots to destroy, oldest first: those no rule keeps.
 
-    Never the newest, a protected one (by guid) or a bookmark; others' snapshots
-    only with `foreign`, going by their `creation`. Because a period rule keeps
+    Never the newest, a protected one (by guid), one a clone depends on (a
+    mounted restore point) or a bookmark; others' snapshots only with
+    `foreign`, going by their `creation`. Because a period rule keeps
     the oldest snapshot of each bucket, thinning the survivors again at the same
     `now` destroys nothing."""
     snaps = [s for s in snapshots if not s.bookmark]
@@ -1567,7 +1728,8 @@ def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now
         if when is not None:
             times[snap] = when
     kept = _kept_by_rules(times, rules, now)
-    doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect]
+    doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect
+              and not s.cloned]
     return sorted(doomed, key=lambda s: s.createtxg)
 
 
@@ -1597,17 +1759,20 @@ def _bucket(period, when):
 
 
 def prune_source(snapshots: Sequence[Snapshot], keep: int, prefix: str,
-                 protect: Collection[int] = ()) -> List[Snapshot]:
+                 protect: Collection[int] = (), owner: Optional[str] = None) -> List[Snapshot]:
     """The tool's own snapshots to destroy on the source, oldest first: all but
-    the newest `keep`, and never a protected one (by guid)."""
+    the newest `keep`, and never a protected one (by guid) or one a clone
+    depends on. With `owner`, its own are those marked with it
+    (OWNER_PROPERTY), not those its names say."""
     if keep < 1:
         raise ValueError('keep at least 1 snapshot on the source, not {}'.format(keep))
-    own = sorted((s for s in snapshots if _is_own(s, prefix)), key=lambda s: s.createtxg)
-    return [s for s in own[:-keep] if s.guid not in protect]
+    own = sorted((s for s in snapshots if _is_own(s, prefix, owner)),
+                 key=lambda s: s.createtxg)
+    return [s for s in own[:-keep] if s.guid not in protect and not s.cloned]
 
 
-def bookmark_changes(src: Dataset, base: Optional[int],
-                     prefix: str) -> Tuple[Optional[Snapshot], List[Snapshot]]:
+def bookmark_changes(src: Dataset, base: Optional[int], prefix: str,
+                     owner: Optional[str] = None) -> Tuple[Optional[Snapshot], List[Snapshot]]:
     """(the snapshot `base` to bookmark, or None when it has a bookmark
     already; the tool's other bookmarks, to destroy). Nothing without a base."""
     if base is None:
@@ -1618,13 +1783,25 @@ def bookmark_changes(src: Dataset, base: Optional[int],
         snapshot = None
     elif snapshot is None:      # neither: keep every bookmark, one may be the base
         return None, []
-    old = [m for m in marks if m.guid != base and tool_snapshot_time(m.name, prefix) is not None]
-    return snapshot, old
+    return snapshot, [m for m in _own_marks(src, prefix, owner) if m.guid != base]
 
 
-def _is_own(snap, prefix):
-    return (not snap.bookmark and not TRANSIENT_SNAPSHOT.fullmatch(snap.name)
-            and tool_snapshot_time(snap.name, prefix) is not None)
+def _is_own(snap, prefix, owner=None):
+    if snap.bookmark or TRANSIENT_SNAPSHOT.fullmatch(snap.name):
+        return False
+    if owner is not None:
+        return snap.owner == owner
+    return tool_snapshot_time(snap.name, prefix) is not None
+
+
+def _own_marks(src, prefix, owner):
+    """The tool's bookmarks on `src`. A bookmark holds no user property, so
+    with an owner it is the tool's when it marks one of the tool's snapshots."""
+    marks = [s for s in src.snapshots if s.bookmark]
+    if owner is None:
+        return [m for m in marks if tool_snapshot_time(m.name, prefix) is not None]
+    own = {s.guid for s in src.snapshots if _is_own(s, prefix, owner)}
+    return [m for m in marks if m.guid in own]
 
 
 # ==============================================================================
@@ -1647,47 +1824,52 @@ class TransferOptions:
     bwlimit: Optional[str] = None   # bytes per second, e.g. '20M' (pv -L)
 
 
-def transfer_commands(opts: TransferOptions, src_remote: bool) -> Tuple[list, list]:
-    """The commands around zfs send and zfs recv: (source side, this side)."""
-    pair = COMPRESSORS[opts.compress] if src_remote else None
-    src_side = [pair[0]] if pair else []
-    dst_side = [pair[1]] if pair else []
+def transfer_commands(opts: TransferOptions, remote: bool) -> Tuple[list, list]:
+    """The commands around zfs send and zfs recv, (sending side, receiving
+    side): compression where the stream crosses ssh, mbuffer where it lands."""
+    pair = COMPRESSORS[opts.compress] if remote else None
+    send_side = [pair[0]] if pair else []
+    recv_side = [pair[1]] if pair else []
     if opts.mbuffer:
-        dst_side.append(['mbuffer', '-q', '-s', '128k', '-m', opts.mbuffer])
-    return src_side, dst_side
+        recv_side.append(['mbuffer', '-q', '-s', '128k', '-m', opts.mbuffer])
+    return send_side, recv_side
 
 
-def send_args(step, src: Dataset) -> List[str]:
-    """The arguments of zfs send for one step."""
+def send_args(step, src: Dataset, raw: bool) -> List[str]:
+    """The arguments of zfs send for one step; `raw` keeps an encrypted
+    dataset's blocks encrypted (-w)."""
     if isinstance(step, ResumeStep):
         return ['send', '-t', step.token]
     # Large and compressed blocks as they are on disk; no -e: an encrypted
     # destination (tank/enc) cannot receive embedded blocks.
-    flags = ['-w'] if src.encrypted else ['-L', '-c']
+    flags = ['-w'] if raw else ['-L', '-c']
     if step.base is not None:
         flags += ['-I' if step.intermediates else '-i', src.name + step.base.ref]
     return ['send', *flags, src.name + step.snapshot.ref]
 
 
-def recv_args(dst: str, props: Dict[str, str], filesystem: bool) -> List[str]:
-    """zfs recv: resumable (-s), never mounted (-u), recording `props`."""
-    args = ['recv', '-s', '-u', '-v']
-    if filesystem:
-        args += ['-o', 'canmount=noauto']
+def recv_args(dst: str, props: Dict[str, str], mount: bool = False) -> List[str]:
+    """zfs recv: resumable (-s), setting `props`, and not mounted (-u) unless
+    `mount`."""
+    args = ['recv', '-s'] + ([] if mount else ['-u']) + ['-v']
     for key, value in sorted(props.items()):
-        args += ['-o', '{}{}={}'.format(PROPERTY_PREFIX, key, value)]
+        args += ['-o', '{}={}'.format(key, value)]
     return args + [dst]
 
 
 def build_transfer(src_host, dst_host, send: List[str], recv: List[str],
                    opts: TransferOptions, label: str, estimate: int) -> List[Stage]:
-    src_side, dst_side = transfer_commands(opts, src_host.is_remote)
-    stages = src_host.stages([src_host.zfs(*send)] + src_side)
-    stages += [Stage(_command_name(cmd), cmd) for cmd in dst_side]
-    if opts.progress or opts.bwlimit:
-        stages.append(pv_stage(opts, label, estimate))
-    recv_cmd = dst_host.zfs(*recv)
-    return stages + [Stage(_command_name(recv_cmd), recv_cmd)]
+    """zfs send on `src_host` piped into zfs recv on `dst_host`, one of them
+    this machine: a pull (a backup) or a push (a restore). pv runs here,
+    beside the local zfs, where the stream is not compressed."""
+    send_side, recv_side = transfer_commands(
+        opts, src_host.is_remote or dst_host.is_remote)
+    sending = src_host.stages([src_host.zfs(*send)] + send_side)
+    receiving = dst_host.stages(recv_side + [dst_host.zfs(*recv)])
+    pv = [pv_stage(opts, label, estimate)] if opts.progress or opts.bwlimit else []
+    if src_host.is_remote:
+        return sending + receiving[:-1] + pv + receiving[-1:]
+    return sending[:1] + pv + sending[1:] + receiving
 
 
 def pv_stage(opts: TransferOptions, label: str, estimate: int) -> Stage:
@@ -1700,11 +1882,13 @@ def pv_stage(opts: TransferOptions, label: str, estimate: int) -> Stage:
     return Stage('pv', argv, show_stderr=opts.progress)
 
 
-def needed_commands(opts: TransferOptions) -> Tuple[List[str], List[str]]:
-    """The programs each side needs for a transfer: (source, this side)."""
-    src_side, dst_side = transfer_commands(opts, True)
-    here = [cmd[0] for cmd in dst_side] + (['pv'] if opts.progress or opts.bwlimit else [])
-    return [cmd[0] for cmd in src_side], here
+def transfer_programs(opts: TransferOptions, src_host, dst_host) -> List[Tuple[object, List[str]]]:
+    """The programs besides zfs that each side of a transfer runs: [(host, names)]."""
+    send_side, recv_side = transfer_commands(
+        opts, src_host.is_remote or dst_host.is_remote)
+    pv = ['pv'] if opts.progress or opts.bwlimit else []
+    return [(src_host, [cmd[0] for cmd in send_side] + ([] if src_host.is_remote else pv)),
+            (dst_host, [cmd[0] for cmd in recv_side] + (pv if src_host.is_remote else []))]
 
 
 def pipeline_text(stages: Sequence[Stage]) -> str:
@@ -1722,17 +1906,26 @@ MISSING_DATASET = re.compile(r"cannot open '[^']*': dataset does not exist")
 
 @dataclasses.dataclass(frozen=True)
 class SyncJob:
+    """One dataset to bring up to date: from `src` on `src_host` to `dst` on
+    the run's destination host (here for a backup, a node for a restore)."""
     src_host: object                # LocalHost or SshHost
     src: str                        # the source dataset
-    dst: str                        # the destination dataset, here
+    dst: str                        # the destination dataset
     group: str = ''                 # jobs of one group are snapshotted at once
     props: Tuple[Tuple[str, str], ...] = ()     # recorded on the destination
+    snapshot_props: Tuple[Tuple[str, str], ...] = ()    # on each snapshot it brings
+    until: Optional[str] = None     # the snapshot to sync to; None: the newest
+    receive_props: Tuple[Tuple[str, str], ...] = ()     # ZFS properties, set on receive
+    mount: bool = False             # mount a received filesystem
+    raw: Optional[bool] = None      # send -w; None: when the source is encrypted
 
 
 @dataclasses.dataclass(frozen=True)
 class SyncOptions:
     transfer: TransferOptions = TransferOptions()
     snapshot_prefix: str = 'planb'
+    snapshot_name: Optional[str] = None     # fixed (PlanB's); None: PREFIX-TIME of now
+    owner: Optional[str] = None     # mark snapshots OWNER_PROPERTY=owner; prune only those
     make_snapshot: bool = True
     snapshot_reuse_age: int = 0     # seconds; 0: always make a fresh one
     intermediates: bool = True
@@ -1746,6 +1939,7 @@ class SyncOptions:
     keep_source: Optional[int] = DEFAULT_KEEP_SOURCE    # None: keep them all
     keep_destination: Tuple = ()    # KeepRules; (): keep them all
     thin_foreign: bool = False      # thin snapshots the tool did not make too
+    bookmarks: bool = True          # bookmark the base on the source, drop older ones
 
 
 @dataclasses.dataclass
@@ -1909,10 +2103,12 @@ class SyncRun:
                 self._fail(job, 'cannot list its source: {}'.format(exc))
             return
         for job in jobs:
-            if job.src in found:
-                self.src[(host.name, job.src)] = found[job.src]
-            else:
+            if job.src not in found:
                 self._fail(job, 'source {} does not exist on {}'.format(job.src, host.name))
+            elif job.until and not any(s.name == job.until for s in found[job.src].snapshots):
+                self._fail(job, 'source {} has no snapshot @{}'.format(job.src, job.until))
+            else:
+                self.src[(host.name, job.src)] = up_to(found[job.src], job.until)
 
     def _read_destinations(self, jobs):
         parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
@@ -1951,13 +2147,17 @@ class SyncRun:
         if not self.opts.make_snapshot:
             return
         now = time.time()
-        name = snapshot_name(self.opts.snapshot_prefix, now)
+        name = self.opts.snapshot_name or snapshot_name(self.opts.snapshot_prefix, now)
         each_host(jobs, lambda host, host_jobs: self._snapshot_host(
             host_jobs, name, now))
 
     def _snapshot_host(self, jobs, name, now):
         groups = {}
         for job in jobs:
+            if self._has_snapshot(job, name):
+                log.info('%s: @%s exists already (an earlier run made it); '
+                         'sending that one', job.src, name)
+                continue
             groups.setdefault(job.group or job.src, []).append(job)
         due = {group: group_jobs for group, group_jobs in groups.items()
                if needs_snapshot([self.src[(j.src_host.name, j.src)] for j in group_jobs],
@@ -1972,6 +2172,10 @@ class SyncRun:
                     alone = [job for job in group_jobs if job in shared]
                     if alone:
                         self._snapshot(alone, name, now)
+
+    def _has_snapshot(self, job, name) -> bool:
+        return any(s.name == name and not s.bookmark
+                   for s in self.src[(job.src_host.name, job.src)].snapshots)
 
     def _snapshot_frozen(self, group, jobs, name, now):
         try:
@@ -1989,7 +2193,9 @@ class SyncRun:
         matters only once it is on the destination, which is listed anew.
         """
         host = jobs[0].src_host
-        cmd = host.zfs('snapshot', *sorted('{}@{}'.format(j.src, name) for j in jobs))
+        owner = self.opts.owner
+        mark = ['-o', '{}={}'.format(OWNER_PROPERTY, owner)] if owner else []
+        cmd = host.zfs('snapshot', *mark, *sorted('{}@{}'.format(j.src, name) for j in jobs))
         try:
             if self.opts.dry_run:
                 self.out('would run on {}: {}'.format(host.name, shlex.join(cmd)))
@@ -2002,32 +2208,30 @@ class SyncRun:
         log.info('%s: snapshot @%s of %d dataset(s)', host.name, name, len(jobs))
         for job in jobs:
             key = (host.name, job.src)
-            newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now))
+            newest = Snapshot(name, guid=0, createtxg=2 ** 63, creation=int(now),
+                              owner=self.opts.owner)
             self.src[key] = dataclasses.replace(
                 self.src[key], snapshots=self.src[key].snapshots + (newest,))
         return True
 
     def _check_programs(self, jobs):
-        src_needs, here_needs = needed_commands(self.opts.transfer)
-        missing_here = self.dst_host.missing_commands(here_needs)
-
-        def check(host, host_jobs):
-            try:
-                missing = (host.missing_commands(src_needs)
-                           if host.is_remote and src_needs else [])
-            except CommandError as exc:
-                missing, problem = [], 'cannot reach it: {}'.format(exc)
-            else:
-                problem = None
-            gaps = ['{} on {}'.format(c, host.name) for c in missing] + \
-                ['{} on {}'.format(c, self.dst_host.name) for c in missing_here]
-            if gaps:
-                problem = ('not installed: {}; install it or choose another '
-                           '--compress'.format(', '.join(gaps)))
-            for job in host_jobs:
-                if problem:
-                    self._fail(job, problem)
-        each_host(jobs, check)
+        """Each host has the programs its side of the transfers runs: one
+        check per host, the hosts side by side."""
+        wanted = {}     # host name -> (host, programs)
+        for job in jobs:
+            for host, programs in transfer_programs(self.opts.transfer, job.src_host,
+                                                    self.dst_host):
+                wanted.setdefault(host.name, (host, set()))[1].update(programs)
+        problems = dict(zip(wanted, side_by_side(lambda item: _missing_programs(*item),
+                                                 wanted.values())))
+        for job in jobs:
+            reasons = problems[job.src_host.name] + problems[self.dst_host.name]
+            unreachable = [r for r in reasons if r.startswith('cannot reach')]
+            if unreachable:
+                self._fail(job, unreachable[0])
+            elif reasons:
+                self._fail(job, 'not installed: {}; install it or choose another '
+                                '--compress'.format(', '.join(reasons)))
 
     def _sync_all(self, jobs):
         """Job after job, or with --jobs in lanes side by side: a lane is a
@@ -2074,6 +2278,8 @@ class SyncRun:
             try:
                 result.detail += ''.join(
                     ', ' + note for note in self._record_origin(job, before, dst))
+                if done and job.snapshot_props:
+                    self._record_with_snapshot(job, newest)
                 self._apply_retention(job, src, dst, result)
             except CommandError as exc:     # the backup itself is fine
                 log.warning('%s: after the sync: %s', job.dst, exc)
@@ -2093,17 +2299,26 @@ class SyncRun:
                 for key, value in job.props
                 if key in ('node', 'storage') and old.get(key, value) != value]
 
+    def _record_with_snapshot(self, job, snapshot):
+        """What belongs with the snapshot a sync brought (a guest's config),
+        set on it: it lives and goes exactly as long as the snapshot."""
+        self.dst_host.run(self.dst_host.zfs('set', *(
+            '{}{}={}'.format(PROPERTY_PREFIX, key, value)
+            for key, value in job.snapshot_props), job.dst + snapshot.ref))
+
     def _source_upkeep(self, job, src, base) -> Tuple[List[List[str]], List[Snapshot]]:
         """The commands the source needs after a sync, and the snapshots they
         destroy: a bookmark of `base` (the guid of the next run's base), so
         that the chain survives its snapshot; the older bookmarks and the
         snapshots retention lets go."""
         host, opts = job.src_host, self.opts
-        mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix)
+        mark, old_marks = None, []
+        if opts.bookmarks:
+            mark, old_marks = bookmark_changes(src, base, opts.snapshot_prefix, opts.owner)
         doomed = []
         if opts.keep_source:
             doomed = prune_source(src.snapshots, opts.keep_source, opts.snapshot_prefix,
-                                  protect={base})
+                                  protect={base}, owner=opts.owner)
         cmds = []
         if mark:
             cmds.append(host.zfs('bookmark', job.src + mark.ref,
@@ -2183,9 +2398,10 @@ class SyncRun:
         return self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
 
     def _transfer_stages(self, job, src, step, estimate):
-        props = {} if isinstance(step, ResumeStep) else dict(job.props)
-        recv = recv_args(job.dst, props, filesystem=src.type == 'filesystem')
-        return build_transfer(job.src_host, self.dst_host, send_args(step, src), recv,
+        props = {} if isinstance(step, ResumeStep) else receive_props(job, src)
+        raw = src.encrypted if job.raw is None else job.raw
+        return build_transfer(job.src_host, self.dst_host, send_args(step, src, raw),
+                              recv_args(job.dst, props, job.mount),
                               self.opts.transfer, job.dst, estimate)
 
     def _resume_estimate(self, job, step) -> Optional[int]:
@@ -2239,15 +2455,34 @@ class SyncRun:
                 self.dst_host.zfs('destroy', snapshot_spec(job.dst, thinned))))
 
 
+def side_by_side(work, items) -> list:
+    """[work(item) for item in items], all at once: their round trips overlap
+    instead of adding up."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(work, items))
+
+
 def each_host(jobs: Iterable[SyncJob], work):
-    """work(host, its jobs) for every source host at once: the hosts' ssh
-    round trips overlap instead of adding up."""
+    """work(host, its jobs) for every source host at once."""
     hosts = {}
     for job in jobs:
         hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
-    if hosts:
-        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-            list(pool.map(lambda item: work(*item), hosts.values()))
+    side_by_side(lambda item: work(*item), hosts.values())
+
+
+def _missing_programs(host, programs) -> List[str]:
+    """'NAME on HOST' for each of `programs` that `host` lacks, or why it
+    could not be asked."""
+    if not programs:
+        return []
+    try:
+        missing = host.missing_commands(sorted(programs))
+    except CommandError as exc:
+        return ['cannot reach {}: {}'.format(host.name, exc)]
+    return ['{} on {}'.format(name, host.name) for name in missing]
 
 
 def by_pool(jobs: Iterable[SyncJob]) -> List[List[SyncJob]]:
@@ -2268,6 +2503,16 @@ def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]
         lanes[sum(map(len, lanes)) % per_node].append(job)
     return [lane for rank in range(per_node) for lanes in by_host.values()
             for lane in lanes[rank:rank + 1] if lane]
+
+
+def receive_props(job: SyncJob, src: Dataset) -> Dict[str, str]:
+    """The properties a receive sets: the job's own, the recorded origin, and
+    for a backed-up filesystem canmount=noauto, so that it never mounts."""
+    props = dict(job.receive_props)
+    props.update((PROPERTY_PREFIX + key, value) for key, value in job.props)
+    if src.type == 'filesystem' and not job.mount:
+        props['canmount'] = 'noauto'
+    return props
 
 
 def step_is_full(step) -> bool:
@@ -2462,6 +2707,602 @@ def write_atomically(path: str, text: str):
 
 
 # ==============================================================================
+# Restore: a guest, a disk or files back from the backups
+# ==============================================================================
+
+# Restore points made readable (mount-restore-point) are clones under
+# ROOT/_restore: no guest can have that name (PVE names are DNS names).
+RESTORE_CLONES = '_restore'
+MOUNTED_AT = PROPERTY_PREFIX + 'mounted-at'
+PVE_VOLUME_NAME = re.compile(r'(vm|base|subvol|basevol)-(\d+)-(.+)')
+# Config keys that PVE writes itself or that belong to the original alone.
+UNCREATABLE_KEYS = frozenset(('digest', 'lock', 'meta', 'parent', 'snaptime', 'snapstate',
+                              'pending', 'vmstate', 'runningmachine', 'runningcpu'))
+# LXC keys that only root@pam may set: raw lxc.* lines and device passthrough.
+ROOT_ONLY_KEY = re.compile(r'lxc|dev\d+')
+MAC_OPTION = re.compile(r'(?:^|(?<=,))(?:hwaddr|macaddr)=[^,]*,?')
+# The container template restore-pve-guest creates containers from: it holds
+# nothing, so the restored root file system stays as it was.
+EMPTY_TEMPLATE = 'planb-pvesync-empty.tar.gz'
+# What the restore user needs on the new guest's /vms/VMID (PVE checks
+# them in its create call); see restore_privileges for the rest.
+RESTORE_GUEST_PRIVILEGES = ('VM.Allocate', 'VM.Config.CPU', 'VM.Config.Memory',
+                            'VM.Config.Disk', 'VM.Config.Network', 'VM.Config.Options',
+                            'VM.Config.HWType', 'VM.Config.CDROM', 'VM.Config.Cloudinit')
+MOUNT_OPTIONS = {'ext2': 'ro,noload', 'ext3': 'ro,noload', 'ext4': 'ro,noload',
+                 'xfs': 'ro,norecovery,nouuid', 'btrfs': 'ro,norecovery', 'vfat': 'ro',
+                 'ntfs': 'ro', 'ntfs3': 'ro'}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestBackup:
+    """A guest's volumes on the backup host, found by what the backups recorded."""
+    vmid: int
+    label: str                      # its name under the backup root
+    volumes: Tuple[Dataset, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePoint:
+    name: str                       # the snapshot's name
+    created: int                    # seconds since the epoch
+    volumes: Tuple[str, ...]        # the datasets that have it
+    config: Optional[str] = None    # the config kept with it (kept_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRestore:
+    """One volume going back: from its backup to a new dataset on a node."""
+    backup: Dataset
+    key: Optional[str]              # its config key (scsi0, rootfs); None: no config
+    storage: str                    # the target storage
+    volume: str                     # its name there, as PVE names it: vm-9106-disk-0
+    dataset: str                    # the target dataset: pool/volume
+    options: str = ''               # the config's drive options (size=8M, mp=/data, ...)
+
+    @property
+    def volid(self) -> str:
+        return '{}:{}'.format(self.storage, self.volume)
+
+
+def find_guest_backup(found: Dict[str, Dataset], root: str, cluster: str,
+                      word: str) -> GuestBackup:
+    """The backups of the guest with vmid or name `word` in `cluster`, by what
+    they recorded: the guest (or its whole cluster) may be gone."""
+    guests = {}     # vmid -> [Dataset], by vmid first, else by name
+    for by_name in (False, True):
+        for dataset in found.values():
+            parent = dataset.name.rpartition('/')[0]
+            vmid = dataset.recorded.get('vmid', '')
+            if (parent.rpartition('/')[0] == root and vmid.isdigit()
+                    and dataset.recorded.get('cluster') == cluster
+                    and word == (parent.rpartition('/')[2] if by_name else vmid)):
+                guests.setdefault(int(vmid), []).append(dataset)
+        if guests:
+            break
+    if not guests:
+        raise UsageError('no backup of guest {!r} of cluster {} in {}; see what there is: '
+                         'zfs list -r -o name,planb-pvesync:vmid {}'.format(
+                             word, cluster, root, root))
+    if len(guests) > 1:
+        raise UsageError('backups of several guests are called {!r}: vmid {}; give the '
+                         'vmid'.format(word, ', '.join(map(str, sorted(guests)))))
+    vmid, volumes = guests.popitem()
+    volumes.sort(key=lambda d: d.name)
+    return GuestBackup(vmid, volumes[0].name.rsplit('/', 2)[1], tuple(volumes))
+
+
+def restore_points(backup: GuestBackup, configs: Dict[str, str]) -> List[RestorePoint]:
+    """Every snapshot of the guest's volumes, oldest first, with the volumes
+    that have it and its kept config (`configs`: by snapshot name)."""
+    points = {}     # name -> (created, [dataset])
+    for volume in backup.volumes:
+        for snap in volume.snapshots:
+            if not snap.bookmark:
+                created, names = points.setdefault(snap.name, (snap.creation, []))
+                names.append(volume.name)
+    return sorted((RestorePoint(name, created, tuple(names), configs.get(name))
+                   for name, (created, names) in points.items()),
+                  key=lambda p: (p.created, p.name))
+
+
+def choose_restore_point(points: Sequence[RestorePoint], name: Optional[str],
+                         label: str) -> RestorePoint:
+    """The restore point called `name` (with or without its @), else the newest."""
+    if not points:
+        raise UsageError('the backups of {} have no snapshot to restore'.format(label))
+    if name is None:
+        return points[-1]
+    for point in points:
+        if point.name == name.lstrip('@'):
+            return point
+    raise UsageError('{} has no restore point @{}; list them: planb-pvesync '
+                     'list-restore-points -g {}'.format(label, name.lstrip('@'), label))
+
+
+def restored_volume_name(name: str, vmid: int, filesystem: bool) -> str:
+    """The name PVE gives a volume of guest `vmid`: vm-106-disk-0 becomes
+    vm-9106-disk-0; a template's base-* disk comes back as a plain one."""
+    match = PVE_VOLUME_NAME.fullmatch(name)
+    kind = {'base': 'vm', 'basevol': 'subvol'}.get(match.group(1), match.group(1)) \
+        if match else ('subvol' if filesystem else 'vm')
+    return '{}-{}-{}'.format(kind, vmid, match.group(3) if match else name)
+
+
+def next_free_name(name: str, taken: Collection[str]) -> str:
+    """`name`, or the same with the next disk number no dataset has yet."""
+    match = re.fullmatch(r'(.*-disk-)(\d+)', name)
+    number = int(match.group(2)) if match else 0
+    while name in taken:
+        number += 1
+        name = '{}{}'.format(match.group(1) if match else name + '-disk-', number)
+    return name
+
+
+def kept_volumes(kept: dict, backup: GuestBackup) -> Tuple[list, Dict[str, str]]:
+    """The volumes the kept config names, with their backups: [(key, backup
+    dataset, storage, drive options)]; and the keys without a backup."""
+    by_origin = {(d.recorded.get('storage'), d.recorded.get('volume')): d
+                 for d in backup.volumes}
+    kind, config = kept['type'], kept['config']
+    key_re = QEMU_VOLUME_KEY if kind == 'qemu' else LXC_VOLUME_KEY
+    boot = _boot_order(config) if kind == 'qemu' else ['rootfs']
+    found, missing = [], {}
+    for key, value in sorted(config.items(), key=lambda kv: (
+            kv[0] not in boot[:1], _natural_key(kv[0]))):
+        source, opts = _split_drive(str(value))
+        storage_id, colon, volume = source.partition(':')
+        if not key_re.fullmatch(key) or not colon or opts.get('media') == 'cdrom':
+            continue
+        dataset = by_origin.get((storage_id, volume))
+        if dataset is None:
+            missing[key] = 'not backed up: ' + (
+                _skip_reason(kind, key, opts, PveStorage(storage_id, 'zfspool', True, None,
+                                                         'pool', None))
+                or 'not on ZFS, or not synced yet')
+        else:
+            found.append((key, dataset, storage_id, str(value).partition(',')[2]))
+    return found, missing
+
+
+def plan_restore(kept: Optional[dict], backup: GuestBackup, point: RestorePoint,
+                 vmid: int, storages: Dict[str, PveStorage], node: str,
+                 storage: Optional[str] = None, wanted: Sequence[str] = ()
+                 ) -> Tuple[List[VolumeRestore], Dict[str, str]]:
+    """Which volumes go back, to which storage and under which names; and,
+    for each config key that does not come back, why. Pure."""
+    if kept is None:
+        candidates, dropped = [(None, d, d.recorded.get('storage'), '')
+                               for d in backup.volumes], {}
+    else:
+        candidates, dropped = kept_volumes(kept, backup)
+    chosen = []
+    for key, dataset, storage_id, options in candidates:
+        names = {key, dataset.name.rsplit('/', 1)[-1],
+                 dataset.recorded.get('volume', '').rsplit('/', 1)[-1]}
+        if wanted and not names & set(wanted):
+            if key:
+                dropped[key] = 'not asked for (--volume)'
+        elif dataset.name not in point.volumes:
+            if key:
+                dropped[key] = 'not in restore point @{}'.format(point.name)
+        else:
+            chosen.append((key, dataset, storage or storage_id, options))
+    if not chosen:
+        raise UsageError('{} has no volume{} at @{}'.format(
+            backup.label, ' ' + ', '.join(wanted) if wanted else '', point.name))
+    return [_volume_restore(key, dataset, target, options, vmid, storages, node)
+            for key, dataset, target, options in chosen], dropped
+
+
+def _volume_restore(key, dataset, storage_id, options, vmid, storages, node):
+    target = storages.get(storage_id)
+    filesystem = dataset.type == 'filesystem'
+    if not (target and target.type == 'zfspool' and target.pool and target.enabled
+            and target.on_node(node)):
+        raise UsageError('storage {} is no ZFS pool storage on node {}; choose one with '
+                         '--storage'.format(storage_id, node))
+    content = 'rootdir' if filesystem else 'images'
+    if target.content and content not in target.content:
+        raise UsageError('storage {} holds no {} (content={}); choose another with '
+                         '--storage'.format(storage_id, content, ','.join(sorted(target.content))))
+    name = restored_volume_name(dataset.recorded.get('volume', dataset.name).rsplit('/', 1)[-1],
+                                vmid, filesystem)
+    return VolumeRestore(dataset, key, storage_id, name, '{}/{}'.format(target.pool, name),
+                         options)
+
+
+def restore_states(volumes: Sequence[VolumeRestore], point: str,
+                   existing: Dict[str, Dataset]) -> Dict[str, str]:
+    """What each target dataset needs, by name: 'full' (it does not exist),
+    'resume' (a receive was cut off), 'done' (it was restored from this
+    point already) or 'exists' (something else is there)."""
+    states = {}
+    for volume in volumes:
+        found = existing.get(volume.dataset)
+        wanted = next(s.guid for s in volume.backup.snapshots
+                      if not s.bookmark and s.name == point)
+        if found is None:
+            states[volume.dataset] = 'full'
+        elif found.resume_token:
+            states[volume.dataset] = 'resume'
+        else:
+            newest = [s.guid for s in found.snapshots if not s.bookmark][-1:]
+            states[volume.dataset] = 'done' if newest == [wanted] else 'exists'
+    return states
+
+
+def subvolume_props(options: str) -> Dict[str, str]:
+    """The properties PVE gives a container's subvolume, its size as its quota."""
+    props = {'acltype': 'posixacl', 'xattr': 'sa'}
+    size = _split_drive(',' + options)[1].get('size')
+    if size:
+        props['refquota'] = size
+    return props
+
+
+def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[str, str],
+                    keep_macs: bool = False) -> Tuple[dict, List[str]]:
+    """The config to create the restored guest with, and a note for each thing
+    left out or changed. Volumes get their new names; MAC addresses and the
+    VM generation id are made anew unless `keep_macs`. Pure."""
+    kind, config = kept['type'], kept['config']
+    volids = {v.key: '{},{}'.format(v.volid, v.options) if v.options else v.volid
+              for v in volumes}
+    key_re = QEMU_VOLUME_KEY if kind == 'qemu' else LXC_VOLUME_KEY
+    new, notes = {}, []
+    for key, value in config.items():
+        value = str(value)
+        source, opts = _split_drive(value)
+        if key in UNCREATABLE_KEYS:
+            continue
+        if key in volids:
+            new[key] = volids[key]
+        elif kind == 'qemu' and opts.get('media') == 'cdrom':
+            new[key], note = _restored_cdrom(key, source, value)
+            notes += [note] if note else []
+        elif key_re.fullmatch(key):
+            notes.append('{}: {}, left out ({})'.format(key, source, dropped.get(
+                key, 'only root@pam may create a bind mount; add it by hand'
+                if source.startswith('/') else 'not backed up')))
+        elif kind == 'lxc' and ROOT_ONLY_KEY.fullmatch(key):
+            notes.append('{}: left out, only root@pam may set it'.format(key))
+        elif key == 'template' and value == '1':
+            notes.append('restored as a guest, not as a template')
+        elif key.startswith('net') and not keep_macs:
+            new[key] = _without_mac(kind, value)
+        elif key == 'vmgenid':
+            new[key] = '1'      # the guest sees that it was restored
+        else:
+            new[key] = value
+    _drop_missing_boot_devices(new, config)
+    if kind == 'lxc':
+        new.setdefault('unprivileged', '0')     # absent means privileged
+    return new, notes
+
+
+def _restored_cdrom(key, source, value):
+    """(value, note): cloud-init drives are made anew; an ISO is not inserted."""
+    if source in ('none', 'cdrom', ''):
+        return value, None
+    storage, _, volume = source.partition(':')
+    if 'cloudinit' in volume:
+        return '{}:cloudinit,media=cdrom'.format(storage), None
+    return 'none,media=cdrom', '{}: {} not inserted'.format(key, source)
+
+
+def _without_mac(kind, value):
+    if kind == 'qemu':      # virtio=BC:24:11:3A:10:06,bridge=vmbr0: PVE makes a new one
+        model, _, rest = value.partition(',')
+        value = model.partition('=')[0] + (',' + rest if rest else '')
+    return MAC_OPTION.sub('', value).rstrip(',')
+
+
+def _drop_missing_boot_devices(new, config):
+    boot = new.get('boot', '')
+    if boot.startswith('order='):
+        order = [dev for dev in boot[len('order='):].split(';')
+                 if dev in new or not (QEMU_VOLUME_KEY.fullmatch(dev) and dev in config)]
+        new['boot'] = 'order=' + ';'.join(order)
+    if new.get('bootdisk') and new['bootdisk'] not in new:
+        del new['bootdisk']
+
+
+def read_kept_configs(host, backup: GuestBackup) -> Dict[str, str]:
+    """The configs kept with the guest's snapshots, by snapshot name: one zfs get."""
+    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-o', 'name,value',
+                            PROPERTY_PREFIX + 'config', *(v.name for v in backup.volumes)))
+    configs = {}
+    for line in out.splitlines():
+        name, _, value = line.partition('\t')
+        if value not in ('', '-'):
+            configs.setdefault(name.partition('@')[2], value)
+    return configs
+
+
+def empty_template_tarball() -> bytes:
+    """A gzipped tar archive without members: two zero blocks, padded as tar pads."""
+    return gzip.compress(bytes(10240), mtime=0)
+
+
+def template_storage(cluster: PveCluster, node: str, wanted: Optional[str] = None) -> str:
+    """The storage on `node` for the empty container template: `wanted`, else
+    local, else the first one for templates."""
+    fits = sorted(s.storage for s in cluster.storages.values()
+                  if s.enabled and s.on_node(node) and 'vztmpl' in s.content
+                  and wanted in (None, s.storage))
+    if not fits:
+        raise UsageError('no storage on {} holds container templates (content vztmpl){}; '
+                         'name one with --template-storage'.format(
+                             node, '' if wanted is None else ' called ' + wanted))
+    return 'local' if 'local' in fits else fits[0]
+
+
+def empty_template(api: PveApi, node: str, storage: str) -> str:
+    """The volid of the empty container template on `node`, uploaded the first
+    time: PVE creates a container only from a template."""
+    volid = '{}:vztmpl/{}'.format(storage, EMPTY_TEMPLATE)
+    path = 'nodes/{}/storage/{}/'.format(node, storage)
+    if not any(item.get('volid') == volid for item in api.get(path + 'content', content='vztmpl')):
+        api.wait(node, api.upload(path + 'upload', EMPTY_TEMPLATE, empty_template_tarball(),
+                                  content='vztmpl'))
+        log.info('%s: uploaded the empty container template %s', node, volid)
+    return volid
+
+
+def restore_privileges(kind: str, vmid: int, config: dict, storages: Collection[str],
+                       template: Optional[str], start: bool) -> Dict[str, Set[str]]:
+    """The privileges creating the guest takes, by ACL path: what
+    check_privileges asks the API about before anything is sent. Pure."""
+    guest = set(RESTORE_GUEST_PRIVILEGES) | ({'VM.PowerMgmt'} if start else set())
+    needs = {'/vms/{}'.format(vmid): guest}
+    for storage in storages:
+        needs.setdefault('/storage/' + storage, set()).add('Datastore.AllocateSpace')
+    if template:
+        needs.setdefault('/storage/' + template, set()).add('Datastore.AllocateTemplate')
+    if kind == 'lxc' and str(config.get('unprivileged')) != '1':
+        needs['/'] = {'Sys.Modify'}     # a privileged container
+    for key, value in config.items():
+        bridge = re.search(r'(?:^|,)bridge=([^,]+)', value) if key.startswith('net') else None
+        if bridge:
+            needs['/sdn/zones/localnetwork/' + bridge.group(1)] = {'SDN.Use'}
+    return needs
+
+
+def check_privileges(api: PveApi, needs: Dict[str, Set[str]]):
+    """PveError naming every privilege the API user lacks, before anything
+    changes (GET /access/permissions: what the user may do there)."""
+    gaps = []
+    for path, privileges in sorted(needs.items()):
+        have = api.get('access/permissions', path=path).get(path, {})
+        gaps += ['{} on {}'.format(p, path) for p in sorted(privileges) if p not in have]
+    if gaps:
+        raise PveError('{} may not create the guest: it lacks {}; nothing was sent (README.rst, '
+                       'Restore, lists the role a restore user needs)'.format(
+                           api.cluster.user, ', '.join(gaps)))
+
+
+def create_guest(api: PveApi, node: str, kind: str, vmid: int, config: dict,
+                 template: Optional[str] = None):
+    """Define the guest on `node` around its restored volumes. A container is
+    made from the empty template as 'unmanaged', so that PVE's setup touches
+    nothing in it, and gets its own OS type back after."""
+    path = 'nodes/{}/{}'.format(node, kind)
+    if kind == 'qemu':
+        api.wait(node, api.post(path, vmid=vmid, **config))
+        return
+    config = dict(config)
+    ostype = config.pop('ostype', 'unmanaged')
+    api.wait(node, api.post(path, vmid=vmid, ostemplate=template, ostype='unmanaged',
+                            **config))
+    if ostype != 'unmanaged':
+        api.put('{}/{}/config'.format(path, vmid), ostype=ostype)
+
+
+def restore_clone_name(root: str, backup: GuestBackup, volume: Dataset, point: str) -> str:
+    return '{}/{}/{}--{}--{}'.format(root, RESTORE_CLONES, backup.label,
+                                     volume.name.rsplit('/', 1)[-1], point)
+
+
+def partitions(device: str) -> List[Tuple[str, Optional[str]]]:
+    """(device, file system type) of each partition of a zvol clone, or of
+    the zvol itself when it holds a file system without partitions."""
+    folder, base = os.path.split(device)
+    parts = sorted((os.path.join(folder, name) for name in os.listdir(folder)
+                    if re.fullmatch(re.escape(base) + r'-part\d+', name)),
+                   key=lambda path: int(path.rpartition('-part')[2]))
+    return [(path, _fs_type(path)) for path in parts or [device]]
+
+
+def _fs_type(device) -> Optional[str]:
+    done = subprocess.run(['blkid', '-o', 'value', '-s', 'TYPE', device],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
+def choose_partition(parts: Sequence[Tuple[str, Optional[str]]], number: Optional[int],
+                     what: str) -> Tuple[str, str]:
+    """(device, type) of partition `number`, else of the one partition with a
+    file system we can mount."""
+    described = ', '.join('{} {}'.format(_partition_number(dev), fs or 'no file system')
+                          for dev, fs in parts)
+    if number is not None:
+        found = [(dev, fs) for dev, fs in parts if _partition_number(dev) == number]
+        if not found:
+            raise UsageError('{} has no partition {} (it has: {})'.format(what, number, described))
+        dev, fs = found[0]
+        if fs not in MOUNT_OPTIONS:
+            raise UsageError('partition {} of {} holds {}, which cannot be mounted here{}'.format(
+                number, what, fs or 'no file system', '; activate LVM by hand (vgchange -ay), '
+                'see README.rst' if fs == 'LVM2_member' else ''))
+        return dev, fs
+    mountable = [(dev, fs) for dev, fs in parts if fs in MOUNT_OPTIONS]
+    if len(mountable) != 1:
+        raise UsageError('{} has {} partitions with a file system to mount ({}); choose '
+                         'one with --partition N'.format(what, len(mountable) or 'no', described))
+    return mountable[0]
+
+
+def _partition_number(device) -> int:
+    return int(device.rpartition('-part')[2]) if '-part' in device else 0
+
+
+# ==============================================================================
+# PlanB: the tool as a fileset's exec transport, one guest per fileset
+# ==============================================================================
+
+# PlanB names a run's snapshot PREFIX-YYYYMMDDTHHMMZ (UTC, to the minute) and
+# rotates only names of that shape; it takes any other name for a manual one.
+PLANB_SNAPSHOT = re.compile(r'([a-z0-9]([a-z0-9-]*[a-z0-9])?-)?[0-9]{8}T[0-9]{4}Z')
+PLANB_GUID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:-]*')
+PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+')
+PLANB_ENVIRONMENT = ('planb_guid', 'planb_storage_name', 'planb_snapshot_target')
+# planb:contains=filesystems: PlanB rotates the fileset dataset's children, and
+# sums their sizes, instead of the dataset itself.
+PLANB_CONTAINS = 'planb:contains'
+# The transport's flags a fileset needs: the tool makes the snapshot PlanB
+# names (so PlanB makes none of the empty dataset), PlanB rotates the children.
+PLANB_FLAGS = (('can_create_snapshot', True), ('can_rotate_snapshot', False))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanbFileset:
+    """What PlanB's exec transport tells its command about the fileset."""
+    guid: str               # planb_guid: this PlanB install
+    dataset: str            # planb_storage_name: POOL/HOSTGROUP-NAME
+    snapshot: str           # planb_snapshot_target: PREFIX-YYYYMMDDTHHMMZ
+    data_dir: str = ''      # planb_storage_destination: its mounted data/
+
+
+def planb_fileset(environ) -> PlanbFileset:
+    """PlanB's environment, checked; a UsageError outside PlanB."""
+    missing = [key for key in PLANB_ENVIRONMENT if not environ.get(key)]
+    if missing:
+        raise UsageError('planb-transport is the transport_command of a PlanB '
+                         'fileset, and PlanB sets {}; not set here: {} (see '
+                         'list-planb-filesets)'.format(', '.join(PLANB_ENVIRONMENT),
+                                                       ', '.join(missing)))
+    fileset = PlanbFileset(environ['planb_guid'], environ['planb_storage_name'],
+                           environ['planb_snapshot_target'],
+                           environ.get('planb_storage_destination', ''))
+    for key, value, pattern in (('planb_guid', fileset.guid, PLANB_GUID),
+                                ('planb_storage_name', fileset.dataset, PLANB_DATASET),
+                                ('planb_snapshot_target', fileset.snapshot, PLANB_SNAPSHOT)):
+        if not pattern.fullmatch(value):
+            raise UsageError('{}={!r} is not what PlanB sets'.format(key, value))
+    return fileset
+
+
+def planb_escape(text: str) -> str:
+    """`text` as a dataset name that PlanB shows as `text` again, escaped as
+    its own zfssync escapes: '/' becomes '-', and every byte but a letter, a
+    digit, ':' and a '.' that does not lead becomes _xHH."""
+    words = []
+    for i, char in enumerate(text):
+        if char == '/':
+            words.append('-')
+        elif char.isascii() and (char.isalnum() or char == ':' or (char == '.' and i)):
+            words.append(char)
+        else:
+            words += ['_x{:02x}'.format(byte) for byte in char.encode()]
+    return ''.join(words)
+
+
+def planb_child(fileset: PlanbFileset, volume: PveVolume) -> str:
+    """The dataset that receives `volume`: a child of the fileset's dataset
+    (never the dataset itself: PlanB's data/ lives there), that PlanB lists
+    as STORAGE/VOLUME."""
+    return '{}/{}'.format(fileset.dataset, planb_escape(
+        '{}/{}'.format(volume.storage, volume.name)))
+
+
+def planb_sync_options(fileset: PlanbFileset, opts: SyncOptions) -> SyncOptions:
+    """`opts` as PlanB needs them: the snapshot PlanB names, marked as this
+    PlanB's (a second run in the same minute sends the one the first made),
+    only this PlanB's snapshots pruned on the source, no retention here (PlanB
+    rotates), and a volume another run holds waited for, not skipped."""
+    return dataclasses.replace(
+        opts, snapshot_name=fileset.snapshot, owner=fileset.guid, make_snapshot=True,
+        snapshot_prefix=fileset.snapshot.rpartition('-')[0], snapshot_reuse_age=0,
+        keep_destination=(), thin_foreign=False, wait=True)
+
+
+def prepare_planb_dataset(host, fileset: PlanbFileset, dry_run: bool):
+    """Check the fileset's dataset; the first time, mark it PLANB_CONTAINS
+    =filesystems, unless its data/ holds files (another transport's)."""
+    try:
+        kind, contains = host.run(host.zfs(
+            'get', '-H', '-p', '-o', 'value', 'type,' + PLANB_CONTAINS,
+            fileset.dataset)).splitlines()
+    except CommandError as exc:
+        raise PvesyncError('planb_storage_name {}: {}; PlanB makes it before it runs '
+                           'the transport'.format(fileset.dataset, exc))
+    if kind != 'filesystem':
+        raise PvesyncError('planb_storage_name {} is a {}, not the filesystem PlanB '
+                           'makes for a fileset'.format(fileset.dataset, kind))
+    if contains == 'filesystems':
+        return
+    if os.path.isdir(fileset.data_dir) and os.listdir(fileset.data_dir):
+        raise PvesyncError(
+            '{} holds files: this fileset was backed up by another transport, and '
+            'PlanB would stop rotating their snapshots; give the guest a fileset of '
+            'its own'.format(fileset.data_dir))
+    cmd = host.zfs('set', PLANB_CONTAINS + '=filesystems', fileset.dataset)
+    if dry_run:
+        print('would run here: ' + shlex.join(cmd))
+    else:
+        host.run(cmd)
+        log.info('%s: set %s=filesystems: PlanB rotates its children',
+                 fileset.dataset, PLANB_CONTAINS)
+
+
+def nothing_to_back_up(guest: PveGuest) -> Optional[str]:
+    """Why the guest has no volume to back up; None when it has one, or its
+    volumes are unknown."""
+    if guest.volumes is None or any(v.skip is None for v in guest.volumes):
+        return None
+    return 'nothing to back up ({})'.format(
+        ', '.join('{}: {}'.format(v.key, v.skip) for v in guest.volumes) or 'no disk')
+
+
+def planb_fileset_rows(cluster: PveCluster, guests: Sequence[PveGuest],
+                       command: Sequence[str]) -> List[dict]:
+    """Each guest as a PlanB fileset: host group the cluster, friendly name
+    the guest's (with its vmid where two guests share it), and the
+    transport_command, `command` and the vmid."""
+    names = [g.label for g in cluster.guests]
+    rows = []
+    for guest in guests:
+        name = guest.label if names.count(guest.label) == 1 else '{}-{}'.format(
+            guest.label, guest.vmid)
+        volumes = None if guest.volumes is None else [
+            '{}/{}'.format(v.storage, v.name) for v in guest.volumes if v.skip is None]
+        rows.append(dict(
+            hostgroup=cluster.name, friendly_name=name, vmid=guest.vmid, type=guest.type,
+            node=guest.node, template=guest.template, volumes=volumes,
+            note=nothing_to_back_up(guest) or guest.note,
+            transport_command=shlex.join([*command, str(guest.vmid)]), **dict(PLANB_FLAGS)))
+    return rows
+
+
+def format_planb_filesets(rows: Sequence[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        if row['volumes'] == []:
+            lines.append('{hostgroup}/{friendly_name}(vmid={vmid};{note})'.format(**row))
+            continue
+        what = ('volumes unknown: ' + row['note'] if row['volumes'] is None
+                else '{} volume(s)'.format(len(row['volumes'])))
+        flags = ';'.join('{}={}'.format(key, 'yes' if row[key] else 'no')
+                         for key, _ in PLANB_FLAGS)
+        lines += ['{}/{}(vmid={};{}{};{})'.format(
+            row['hostgroup'], row['friendly_name'], row['vmid'], what,
+            ';template' if row['template'] else '', flags),
+            '  ' + row['transport_command']]
+    return lines
+
+
+# ==============================================================================
 # The command line
 # ==============================================================================
 
@@ -2571,6 +3412,9 @@ def _print_listing(args, rows, formatter):
             print(line)
 
 
+GUEST_SYNC_COMMANDS = ('sync-pve-guest', 'planb-transport')
+
+
 class Session:
     """What one command needs: the config, the cluster's API, ssh hosts."""
 
@@ -2614,9 +3458,9 @@ class Session:
 
     def retention(self) -> Tuple[Optional[int], Tuple]:
         """(keep_source, keep_destination): the options, else the config's
-        for sync-pve-guest, else the defaults."""
+        for a cluster's guests, else the defaults."""
         args = self.args
-        config = (self.cluster_config() if args.command == 'sync-pve-guest'
+        config = (self.cluster_config() if args.command in GUEST_SYNC_COMMANDS
                   else ClusterConfig(name='', host=''))
         return (getattr(args, 'keep_source', config.keep_source),
                 getattr(args, 'keep_destination', config.keep_destination))
@@ -2684,13 +3528,64 @@ def cmd_sync_pve_guest(session: Session) -> int:
     for problem in unknown:
         log.error('%s', problem)
     rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
-    jobs = [guest_job(root, cluster.name, guest, volume,
-                      session.volume_host(cluster, guest, volume))
-            for guest in guests for volume in guest.volumes or ()
-            if volume.skip is None]
+    jobs = []
+    for guest in guests:
+        config = config_to_keep(cluster.name, guest)
+        jobs += [guest_job(root, cluster.name, guest, volume,
+                           session.volume_host(cluster, guest, volume), config)
+                 for volume in guest.volumes or () if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
     status = run_jobs(session, jobs, freeze)
     return EXIT_FAILED if unknown else status
+
+
+def cmd_list_planb_filesets(session: Session) -> int:
+    args = session.args
+    api, cluster = session.connect()
+    guests = read_guest_volumes(api, cluster, select_guests(cluster, session.selection()))
+    config = ([] if args.config == DEFAULT_CONFIG else
+              ['-f', os.path.abspath(os.path.expanduser(args.config))])
+    command = ['planb-pvesync', *config, '-p', cluster.name, 'planb-transport']
+    _print_listing(args, planb_fileset_rows(cluster, guests, command), format_planb_filesets)
+    return EXIT_OK
+
+
+def cmd_planb_transport(session: Session) -> int:
+    """One guest, by vmid, into the PlanB fileset whose exec transport runs this."""
+    args = session.args
+    if args.pve_guest or args.sync_zfs_root:
+        raise UsageError('planb-transport takes the guest by its vmid alone and '
+                         'receives into $planb_storage_name: drop -g and --sync-zfs-root')
+    fileset = planb_fileset(os.environ)
+    api, cluster = session.connect()
+    found = [g for g in cluster.guests if g.vmid == args.vmid]
+    if not found:
+        raise UsageError('no guest with vmid {} in cluster {} (deleted, or the API user '
+                         'lacks VM.Audit on it)'.format(args.vmid, cluster.name))
+    guest, = read_guest_volumes(api, cluster, found)
+    if guest.volumes is None:
+        raise PvesyncError('guest {} ({}): volumes unknown: {}'.format(
+            guest.vmid, guest.label, guest.note))
+    nothing = nothing_to_back_up(guest)
+    if nothing:
+        raise PvesyncError('guest {} ({}) has {}'.format(guest.vmid, guest.label, nothing))
+    config = config_to_keep(cluster.name, guest)
+    jobs = [volume_job(planb_child(fileset, volume), cluster.name, guest, volume,
+                       session.volume_host(cluster, guest, volume), config)
+            for volume in guest.volumes if volume.skip is None]
+    prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
+    freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
+    return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
+
+
+def config_to_keep(cluster: str, guest: PveGuest) -> Optional[str]:
+    """kept_config, saying so when it does not fit in a ZFS property."""
+    config = kept_config(cluster, guest) if guest.config is not None else None
+    if guest.config is not None and config is None:
+        log.warning('%s (%s): its config is too large to keep with the backup (over '
+                    '%d bytes); its disks are backed up', guest.vmid, guest.label,
+                    MAX_PROPERTY_VALUE)
+    return config
 
 
 def rename_guest_backups(here, root, cluster, guests, dry_run):
@@ -2710,13 +3605,21 @@ def rename_guest_backups(here, root, cluster, guests, dry_run):
 
 
 def guest_job(root: str, cluster: str, guest: PveGuest, volume: PveVolume,
-              host) -> SyncJob:
+              host, config: Optional[str] = None) -> SyncJob:
     """DEST/GUEST/STORAGE--VOLUME, recording where it came from."""
-    dst = '{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name)
+    return volume_job('{}/{}/{}--{}'.format(root, guest.label, volume.storage, volume.name),
+                      cluster, guest, volume, host, config)
+
+
+def volume_job(dst: str, cluster: str, guest: PveGuest, volume: PveVolume,
+               host, config: Optional[str] = None) -> SyncJob:
+    """`volume` into `dst`, recording where it came from and keeping the
+    guest's `config` (kept_config) with each snapshot it brings; a guest's
+    volumes are snapshotted at once."""
     props = (('cluster', cluster), ('node', guest.node), ('storage', volume.storage),
              ('volume', volume.volume), ('vmid', str(guest.vmid)))
-    return SyncJob(src_host=host, src=volume.dataset, dst=dst,
-                   group=str(guest.vmid), props=props)
+    return SyncJob(src_host=host, src=volume.dataset, dst=dst, group=str(guest.vmid),
+                   props=props, snapshot_props=(('config', config),) if config else ())
 
 
 def guest_renames(found: Dict[str, Dataset], root: str, cluster: str,
@@ -2844,11 +3747,10 @@ def cmd_sync_filesystem(session: Session) -> int:
     return run_jobs(session, [job], None)
 
 
-def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
+def sync_options(session: Session) -> SyncOptions:
     args = session.args
-    started = time.monotonic()
     keep_source, keep_destination = session.retention()
-    opts = SyncOptions(
+    return SyncOptions(
         transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
                                  progress=args.progress, bwlimit=args.bwlimit),
         snapshot_prefix=args.snapshot_prefix, make_snapshot=not args.no_snapshot,
@@ -2858,7 +3760,15 @@ def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze) -> int:
         wait=args.wait, lock_dir=args.lock_dir, jobs=args.jobs,
         jobs_per_node=args.jobs_per_node, keep_source=keep_source,
         keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
-    results = SyncRun(jobs, LocalHost(), opts, freeze=freeze).run()
+
+
+def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze,
+             opts: Optional[SyncOptions] = None) -> int:
+    """Sync `jobs` with `opts` (default: the command line's), then print the
+    results; exit 1 when one failed."""
+    args = session.args
+    started = time.monotonic()
+    results = SyncRun(jobs, LocalHost(), opts or sync_options(session), freeze=freeze).run()
     for result in results:
         if result.status == 'failed':
             log.error('%s', format_result(result))
@@ -2890,6 +3800,337 @@ def iso_time(epoch: float) -> str:
                                int(epoch * 1000) % 1000)
 
 
+def _guest_word(session: Session) -> str:
+    names = session.args.pve_guest
+    if len(names) != 1:
+        raise UsageError('{} needs exactly one guest: -g VMID|NAME'.format(session.args.command))
+    return names[0]
+
+
+def read_guest_backup(session: Session) -> Tuple[LocalHost, str, GuestBackup,
+                                                  List[RestorePoint]]:
+    """The backups of the -g guest and their restore points, from this host
+    alone: no API call, so that it works while the cluster is down."""
+    here, root = LocalHost(), session.zfs_root()
+    found = list_datasets(here, [root], depth=3)
+    if root not in found:
+        raise UsageError('--sync-zfs-root {} does not exist here'.format(root))
+    backup = find_guest_backup(found, root, session.cluster_config().name,
+                               _guest_word(session))
+    return here, root, backup, restore_points(backup, read_kept_configs(here, backup))
+
+
+def cmd_list_restore_points(session: Session) -> int:
+    _, _, backup, points = read_guest_backup(session)
+    keys = _volume_keys(backup, points)
+    rows = [dict(name=p.name, created=iso_time(p.created), config=p.config is not None,
+                 volumes=list(p.volumes)) for p in points]
+    if session.args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    print('{} (vmid {}): {} volume(s), {} restore point(s)'.format(
+        backup.label, backup.vmid, len(backup.volumes), len(points)))
+    table = [('RESTORE POINT', 'CREATED (UTC)', 'CONFIG', 'VOLUMES')]
+    table += [(p.name, time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(p.created)),
+               'yes' if p.config else 'no',
+               ' '.join(keys.get(v, v.rsplit('/', 1)[-1]) for v in p.volumes))
+              for p in points]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
+    for cells in table:
+        print('  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return EXIT_OK
+
+
+def _volume_keys(backup, points) -> Dict[str, str]:
+    """dataset -> its config key (scsi0, rootfs), from the newest kept config."""
+    newest = next((p.config for p in reversed(points) if p.config), None)
+    if newest is None:
+        return {}
+    return {dataset.name: key
+            for key, dataset, _, _ in kept_volumes(parse_kept_config(newest), backup)[0]}
+
+
+def cmd_restore_pve_guest(session: Session) -> int:
+    """A guest back from a restore point: its disks pushed to a node as PVE
+    names them for its vmid, then the guest defined from its kept config."""
+    args = session.args
+    started = time.monotonic()
+    here, _, backup, points = read_guest_backup(session)
+    point = choose_restore_point(points, args.at, backup.label)
+    kept = parse_kept_config(point.config) if point.config else None
+    if kept is None and not args.disks_only:
+        raise UsageError('restore point @{} of {} has no kept config (it was made before '
+                         'planb-pvesync kept them); restore its disks with --disks-only and '
+                         'define the guest by hand'.format(point.name, backup.label))
+    api, cluster = session.connect()
+    node = _restore_node(cluster, args.node, kept, backup)
+    vmid = _restore_vmid(api, cluster, args.vmid, backup.vmid, args.disks_only)
+    volumes, dropped = plan_restore(kept, backup, point, vmid, cluster.storages, node,
+                                    args.storage, args.volume)
+    host = _restore_host(session, cluster, volumes, node)
+    volumes, states = _check_targets(host, here, volumes, point.name, args.disks_only)
+    if args.disks_only:
+        config, notes = {}, ['{}: left out ({})'.format(k, why) for k, why in dropped.items()]
+    else:
+        config, notes = restored_config(kept, volumes, dropped, args.keep_macs)
+    kind = kept['type'] if kept else 'disks of'
+    template = None
+    if not args.disks_only:
+        if kind == 'lxc':
+            template = template_storage(cluster, node, args.template_storage)
+        check_privileges(api, restore_privileges(
+            kind, vmid, config, {v.storage for v in volumes}, template, args.start))
+    print('{} {} (vmid {}) from @{} ({} UTC) to {} as {}'.format(
+        'would restore' if args.dry_run else 'restoring', backup.label, backup.vmid,
+        point.name, time.strftime('%Y-%m-%d %H:%M', time.gmtime(point.created)), node,
+        '{} {}'.format(kind, vmid)))
+    for note in notes:
+        print('  ' + note)
+    results = _restore_volumes(session, here, host, volumes, states, point.name)
+    failed = [r for r in results if r.status == 'failed']
+    for result in failed:
+        log.error('%s; run the same command again to resume', format_result(result))
+    if args.dry_run:
+        _show_restore(kept, node, vmid, config, volumes)
+    elif not failed:
+        _define_guest(api, args, kept, node, vmid, config, volumes, template)
+    sent = sum(r.sent for r in results)
+    print('restore-pve-guest: {} ({}) @{} -> {} as {} {}: {} volume(s), {} in {:.1f} s{}'.format(
+        backup.label, backup.vmid, point.name, node, kind, vmid, len(volumes),
+        format_bytes(sent), time.monotonic() - started, ', FAILED' if failed else ''))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _restore_node(cluster: PveCluster, wanted: Optional[str], kept: Optional[dict],
+                  backup: GuestBackup) -> str:
+    name = wanted or (kept or {}).get('node') or backup.volumes[0].recorded.get('node')
+    node = cluster.nodes.get(name)
+    if node is None or not node.online:
+        online = ', '.join(n.name for n in cluster.nodes.values() if n.online)
+        raise UsageError('node {} is {}; choose one with --node ({})'.format(
+            name, 'offline' if node else 'not in cluster ' + cluster.name, online))
+    return name
+
+
+def _restore_vmid(api: PveApi, cluster: PveCluster, wanted: Optional[int], original: int,
+                  disks_only: bool) -> int:
+    """--vmid, else the guest's own vmid when free, else the cluster's next
+    free one. Only --disks-only goes to a vmid in use (a disk for it)."""
+    taken = {g.vmid: g for g in cluster.guests}
+    if wanted is None:
+        wanted = original if original not in taken or disks_only else int(
+            api.get('cluster/nextid'))
+    if wanted in taken and not disks_only:
+        guest = taken[wanted]
+        raise UsageError('vmid {} is taken ({} on {}); choose a free one with --vmid, or '
+                         'leave it out to take the next free one'.format(
+                             wanted, guest.label, guest.node))
+    return wanted
+
+
+def _restore_host(session: Session, cluster: PveCluster, volumes, node: str) -> SshHost:
+    targets = {storage_target(session.config, session.cluster_config(), cluster,
+                              v.storage, node) for v in volumes}
+    if len(targets) > 1:
+        raise UsageError('the target storages on {} are reached by different ssh targets; '
+                         'restore their volumes one by one with --volume'.format(node))
+    return session.ssh_host(*targets.pop())
+
+
+def _check_targets(host, here, volumes, point, disks_only):
+    """(volumes, states): what each target needs (restore_states), before
+    anything is sent. A dataset that is there already and is not this restore
+    stops it; with --disks-only the volume takes the next free disk number."""
+    pools = sorted({v.dataset.rpartition('/')[0] for v in volumes})
+    existing = list_datasets(host, pools, depth=2)
+    for pool in pools:
+        if pool not in existing:
+            raise UsageError('{} has no dataset {}; check the storage in PVE'.format(
+                host.name, pool))
+    chosen, states = [], {}
+    for volume in volumes:
+        state = _target_state(here, volume, point, existing)
+        while state == 'exists' and disks_only:
+            taken = {name.rpartition('/')[2] for name in existing} | {
+                v.volume for v in chosen}
+            volume = dataclasses.replace(volume, volume=next_free_name(volume.volume, taken))
+            volume = dataclasses.replace(
+                volume, dataset='{}/{}'.format(volume.dataset.rpartition('/')[0], volume.volume))
+            state = _target_state(here, volume, point, existing)
+        if state == 'exists':
+            raise UsageError('{} already has {}; nothing was sent: restore as another --vmid, '
+                             'to another --storage, or remove it'.format(host.name, volume.dataset))
+        chosen.append(volume)
+        states[volume.dataset] = state
+    return chosen, states
+
+
+def _target_state(here, volume, point, existing) -> str:
+    state = restore_states([volume], point, existing)[volume.dataset]
+    if state == 'resume':   # a partial receive: only one of ours may be resumed
+        try:
+            here.run(here.zfs('send', '-n', '-t', existing[volume.dataset].resume_token))
+        except CommandError:
+            return 'exists'
+    return state
+
+
+def _restore_volumes(session, here, host, volumes, states, point) -> List[JobResult]:
+    """Every volume not restored yet, with the machinery of a backup run the
+    other way: a send here, a resumable receive on the node."""
+    args = session.args
+    jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=point,
+                    receive_props=tuple(sorted(subvolume_props(v.options).items()))
+                    if v.backup.type == 'filesystem' else (),
+                    mount=v.backup.type == 'filesystem',
+                    raw=v.backup.encryption_root == v.backup.name)
+            for v in volumes if states[v.dataset] != 'done']
+    for volume in volumes:
+        if states[volume.dataset] == 'done':
+            print('{}: restored already'.format(volume.dataset))
+    opts = SyncOptions(
+        transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
+                                 progress=args.progress, bwlimit=args.bwlimit),
+        make_snapshot=False, intermediates=False, keep_source=None, bookmarks=False,
+        dry_run=args.dry_run, lock_dir=args.lock_dir)
+    results = SyncRun(jobs, host, opts, out=print).run() if jobs else []
+    for result in results:
+        if result.status == 'synced':
+            print(format_result(result))
+    return results
+
+
+def _show_restore(kept, node, vmid, config, volumes):
+    if kept is None:
+        return
+    print('would create {} {} on {} with:'.format(kept['type'], vmid, node))
+    for key, value in sorted(config.items(), key=lambda kv: _natural_key(kv[0])):
+        print('  {}: {}'.format(key, value))
+
+
+def _define_guest(api, args, kept, node, vmid, config, volumes, template):
+    if args.disks_only:
+        print('restored the disks as {}; attach them with qm set or pct set'.format(
+            ', '.join(v.volid for v in volumes)))
+        return
+    create_guest(api, node, kept['type'], vmid, config,
+                 empty_template(api, node, template) if template else None)
+    if args.start:
+        api.wait(node, api.post('nodes/{}/{}/{}/status/start'.format(node, kept['type'], vmid)))
+    print('created {} {} ({}) on {}, {}; {}'.format(
+        kept['type'], vmid, config.get('name') or config.get('hostname') or vmid, node,
+        'started' if args.start else 'not started (--start starts it)',
+        'MAC addresses as they were' if args.keep_macs else
+        'new MAC addresses (--keep-macs keeps them)'))
+
+
+def cmd_mount_restore_point(session: Session) -> int:
+    """A restore point's volume readable here, read-only, from a clone: the
+    backup itself is not touched."""
+    args = session.args
+    here, root, backup, points = read_guest_backup(session)
+    point = choose_restore_point(points, args.at, backup.label)
+    volume = _volume_to_mount(backup, points, point, args.volume)
+    path = os.path.abspath(args.path)
+    if os.path.ismount(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise UsageError('{} is in use (a mount point, or not empty); choose an empty '
+                         'directory'.format(path))
+    if volume.type == 'volume' and os.geteuid() != 0:
+        raise UsageError('mounting a partition of a VM disk needs root (mount): run it as '
+                         'root, for example with sudo')
+    clone = restore_clone_name(root, backup, volume, point.name)
+    parent = clone.rpartition('/')[0]
+    found = list_datasets(here, [parent, clone])
+    if clone in found:
+        raise UsageError('@{} of {} is mounted already: see zfs get {} {}'.format(
+            point.name, volume.name, MOUNTED_AT, clone))
+    if parent not in found:
+        here.run(here.zfs('create', '-o', 'mountpoint=none', parent))
+    origin = '{}@{}'.format(volume.name, point.name)
+    if volume.type == 'filesystem':
+        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'mountpoint=' + path,
+                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        what = 'its file system'
+    else:
+        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'volmode=full',
+                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        try:
+            what = _mount_partition(here, clone, path, args.partition, volume.name)
+        except BaseException:
+            here.run(here.zfs('destroy', clone))
+            raise
+    print('mounted {} of {} @{} read-only at {}; when done: planb-pvesync '
+          'unmount-restore-point --sync-zfs-root {} {}'.format(
+              what, volume.name, point.name, path, root, shlex.quote(path)))
+    return EXIT_OK
+
+
+def _volume_to_mount(backup, points, point, wanted) -> Dataset:
+    have = [v for v in backup.volumes if v.name in point.volumes]
+    keys = _volume_keys(backup, points)
+    if wanted:
+        found = [v for v in have if wanted in (keys.get(v.name), v.name.rsplit('/', 1)[-1],
+                                               v.recorded.get('volume', '').rsplit('/', 1)[-1])]
+    elif len(have) == 1:
+        found = have
+    else:   # the boot disk, as the kept config tells
+        boot = ['rootfs'] + _boot_order(parse_kept_config(point.config)['config']) \
+            if point.config else []
+        found = [v for key in boot for v in have if keys.get(v.name) == key][:1]
+    if not found:
+        raise UsageError('choose the volume of {} @{} with --volume: {}'.format(
+            backup.label, point.name, ', '.join(
+                keys.get(v.name) or v.name.rsplit('/', 1)[-1] for v in have)))
+    return found[0]
+
+
+def _mount_partition(here, clone, path, number, what) -> str:
+    """Mount one partition of the zvol clone; returns what was mounted."""
+    device = '/dev/zvol/' + clone
+    here.run(['udevadm', 'settle'])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(device) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    partition, fs = choose_partition(partitions(device), number, what)
+    os.makedirs(path, exist_ok=True)
+    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs], partition, path])
+    number = _partition_number(partition)
+    return '{} {}'.format('partition {}'.format(number) if number else 'the disk', fs)
+
+
+def cmd_unmount_restore_point(session: Session) -> int:
+    args = session.args
+    here, root = LocalHost(), session.zfs_root()
+    clones = '{}/{}'.format(root, RESTORE_CLONES)
+    try:
+        out = here.run(here.zfs('list', '-H', '-o', 'name,type,' + MOUNTED_AT, '-d', '1',
+                                '-t', 'filesystem,volume', clones))
+    except CommandError:
+        out = ''
+    mounted = [line.split('\t') for line in out.splitlines()[1:]]
+    path = os.path.abspath(args.path) if args.path else None
+    chosen = [m for m in mounted if args.all or m[2] == path]
+    if not chosen:
+        raise UsageError('no restore point of planb-pvesync is mounted {}; see: zfs list -r '
+                         '-o name,{} {}'.format('at ' + path if path else 'here', MOUNTED_AT,
+                                                clones))
+    for clone, kind, where in chosen:
+        try:
+            if kind == 'volume' and os.path.ismount(where):
+                here.run(['umount', where])
+            here.run(here.zfs('destroy', clone))
+        except CommandError as exc:
+            if 'busy' in str(exc):
+                raise PvesyncError('{} is in use (a shell in it, an open file): leave it, '
+                                   'then run this again'.format(where))
+            raise
+        if kind == 'volume':
+            with contextlib.suppress(OSError):
+                os.rmdir(where)
+        print('unmounted {} (destroyed the clone {})'.format(where, clone))
+    return EXIT_OK
+
+
 def _add_common_options(parser, suppress):
     """Options that may stand before or after the command, as in the origin."""
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
@@ -2910,27 +4151,28 @@ def _add_common_options(parser, suppress):
                         help='print only the summary and what failed')
 
 
-def _add_sync_options(parser):
+def _add_transfer_options(parser):
     parser.add_argument('-n', '--dry-run', action='store_true',
                         help='print the plan and the exact pipelines; change nothing')
     parser.add_argument('--compress', choices=sorted(COMPRESSORS), default='zstd',
                         help='compression on the wire (default: %(default)s)')
     parser.add_argument('--mbuffer', metavar='SIZE',
-                        help='buffer the stream here with mbuffer, e.g. 256M')
+                        help='buffer the stream where it is received with mbuffer, '
+                             'e.g. 256M')
     parser.add_argument('--bwlimit', metavar='RATE',
                         help='limit the transfer to RATE bytes per second, e.g. 50M '
                              '(with pv)')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction,
                         default=sys.stderr.isatty(),
                         help='show pv progress (default: when stderr is a terminal)')
-    parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
-                        help='name of the snapshots this tool makes: '
-                             'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
-    parser.add_argument('--no-snapshot', action='store_true',
-                        help='make no snapshot; send what the source has')
-    parser.add_argument('--snapshot-reuse-age', type=int, default=0, metavar='SECONDS',
-                        help='make no snapshot when the source has one younger '
-                             'than this (default: %(default)s, always make one)')
+    parser.add_argument('--lock-dir', metavar='DIR',
+                        help='where the per-dataset locks live (default: '
+                             '/run/lock/planb-pvesync)')
+
+
+def _add_sync_options(parser, planb=False):
+    """The sync options; for planb-transport without those PlanB decides."""
+    _add_transfer_options(parser)
     parser.add_argument('--no-intermediates', action='store_true',
                         help='send only the newest snapshot (zfs send -i, not -I)')
     parser.add_argument('--rollback', action='store_true',
@@ -2939,12 +4181,6 @@ def _add_sync_options(parser):
     parser.add_argument('--destroy-diverged', action='store_true',
                         help='destroy a destination that shares no snapshot with '
                              'its source, and copy it anew')
-    parser.add_argument('--wait', action='store_true',
-                        help='wait for another run that holds a volume, instead '
-                             'of skipping it')
-    parser.add_argument('--lock-dir', metavar='DIR',
-                        help='where the per-dataset locks live (default: '
-                             '/run/lock/planb-pvesync)')
     parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
                         help='transfers at once, in all (default: %(default)s)')
     parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
@@ -2956,6 +4192,31 @@ def _add_sync_options(parser):
                              'source, and always the newest one the backup has '
                              '(default: keep_source= in the config, else {})'.format(
                                  DEFAULT_KEEP_SOURCE))
+    parser.add_argument('--json', action='store_true',
+                        help='print the results as JSON instead of lines')
+    if planb:
+        parser.set_defaults(**dict.fromkeys(PLANB_DECIDED_OPTIONS))
+    else:
+        _add_options_planb_decides(parser)
+
+
+# What planb-transport takes from PlanB (planb_sync_options), not from options.
+PLANB_DECIDED_OPTIONS = ('snapshot_prefix', 'no_snapshot', 'snapshot_reuse_age', 'wait',
+                         'thin_foreign_snapshots')
+
+
+def _add_options_planb_decides(parser):
+    parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
+                        help='name of the snapshots this tool makes: '
+                             'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
+    parser.add_argument('--no-snapshot', action='store_true',
+                        help='make no snapshot; send what the source has')
+    parser.add_argument('--snapshot-reuse-age', type=int, default=0, metavar='SECONDS',
+                        help='make no snapshot when the source has one younger '
+                             'than this (default: %(default)s, always make one)')
+    parser.add_argument('--wait', action='store_true',
+                        help='wait for another run that holds a volume, instead '
+                             'of skipping it')
     parser.add_argument('--keep-destination', metavar='SCHEDULE|all',
                         default=argparse.SUPPRESS, type=_option_type(parse_keep_destination),
                         help="thin this tool's snapshots on the backup host, e.g. "
@@ -2964,8 +4225,6 @@ def _add_sync_options(parser):
     parser.add_argument('--thin-foreign-snapshots', action='store_true',
                         help='let --keep-destination also destroy snapshots this '
                              'tool did not make')
-    parser.add_argument('--json', action='store_true',
-                        help='print the results as JSON instead of lines')
 
 
 def _add_status_options(parser):
@@ -2978,6 +4237,44 @@ def _add_status_options(parser):
                         help='also write the figures for the node exporter\'s '
                              'textfile collector, e.g. /var/lib/prometheus/'
                              'node-exporter/planb-pvesync.prom')
+
+
+def _add_restore_options(parser):
+    _add_transfer_options(parser)
+    parser.add_argument('--volume', action='append', default=[], metavar='KEY|NAME',
+                        help='only this volume, by config key (scsi0, rootfs, mp0) or '
+                             'name (vm-106-disk-0); repeatable')
+    parser.add_argument('--node', help='the node to restore to (default: where it was)')
+    parser.add_argument('--storage', help='the ZFS storage to restore to (default: where '
+                                          'each volume was)')
+    parser.add_argument('--vmid', type=_positive_int, help='the vmid to restore as '
+                        "(default: its own when free, else the cluster's next free one)")
+    parser.add_argument('--keep-macs', action='store_true',
+                        help='keep the MAC addresses (default: new ones, so that the '
+                             'copy can run beside the original)')
+    parser.add_argument('--start', action='store_true', help='start the restored guest')
+    parser.add_argument('--disks-only', action='store_true',
+                        help='restore the disks and define no guest (a disk for a '
+                             'guest that exists, or a backup without a kept config)')
+    parser.add_argument('--template-storage', metavar='STORAGE',
+                        help='where the empty container template goes (default: local, '
+                             'or the first storage for templates on the node)')
+
+
+def _add_mount_options(parser, command):
+    if command == 'mount-restore-point':
+        parser.add_argument('--volume', metavar='KEY|NAME',
+                            help='the volume, by config key (scsi0, rootfs, mp0) or name '
+                                 '(default: the boot disk)')
+        parser.add_argument('--partition', type=int, metavar='N',
+                            help='the partition of a VM disk to mount (default: the one '
+                                 'with a file system)')
+        parser.add_argument('path', metavar='PATH', help='where to mount it (an empty '
+                                                         'directory, or a new one)')
+    else:
+        parser.add_argument('path', metavar='PATH', nargs='?', help='where it is mounted')
+        parser.add_argument('--all', action='store_true',
+                            help='every restore point mounted under --sync-zfs-root')
 
 
 def _add_selection_options(parser):
@@ -3004,6 +4301,14 @@ def _option_type(parse):
     return convert
 
 
+def _vmid(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            "{!r} is no vmid; give the guest's number, not its name, so that a "
+            'rename in PVE does not break the fileset'.format(text))
+    return int(text)
+
+
 def _positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError('{!r} is not a whole number of 1 or more'.format(text))
@@ -3017,6 +4322,17 @@ COMMANDS = {
     'sync-pve-guest': (cmd_sync_pve_guest, "back up the guests' ZFS volumes"),
     'sync-filesystem': (cmd_sync_filesystem, 'back up one dataset, without PVE'),
     'status': (cmd_status, 'how old the newest backup of each volume is'),
+    'list-restore-points': (cmd_list_restore_points, "a guest's restore points"),
+    'restore-pve-guest': (cmd_restore_pve_guest,
+                          'bring a guest (or its disks) back from a restore point'),
+    'mount-restore-point': (cmd_mount_restore_point,
+                            "mount a restore point's volume read-only here"),
+    'unmount-restore-point': (cmd_unmount_restore_point,
+                              'undo mount-restore-point'),
+    'list-planb-filesets': (cmd_list_planb_filesets,
+                            'list the guests as PlanB filesets, with their transport_command'),
+    'planb-transport': (cmd_planb_transport,
+                        "back up one guest as a PlanB fileset's exec transport"),
 }
 
 
@@ -3041,16 +4357,27 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common_options(sub, suppress=True)
         if name.startswith('list-') or name == 'status':
             sub.add_argument('--json', action='store_true', help='print JSON')
-        if name in ('list-pve-guests', 'sync-pve-guest', 'status'):
+        if name in ('restore-pve-guest', 'mount-restore-point'):
+            sub.add_argument('--at', metavar='SNAPSHOT',
+                             help='the restore point (default: the newest; '
+                                  'list-restore-points lists them)')
+        if name == 'restore-pve-guest':
+            _add_restore_options(sub)
+        if name.endswith('mount-restore-point'):
+            _add_mount_options(sub, name)
+        if name in ('list-pve-guests', 'sync-pve-guest', 'status', 'list-planb-filesets'):
             _add_selection_options(sub)
-        if name.startswith('sync-'):
-            _add_sync_options(sub)
+        if name.startswith('sync-') or name == 'planb-transport':
+            _add_sync_options(sub, planb=name == 'planb-transport')
         if name == 'status':
             _add_status_options(sub)
-        if name == 'sync-pve-guest':
+        if name in GUEST_SYNC_COMMANDS:
             sub.add_argument('--fsfreeze', action='store_true',
                              help='freeze the guest filesystems through the QEMU '
                                   'guest agent around the snapshot')
+        if name == 'planb-transport':
+            sub.add_argument('vmid', metavar='VMID', type=_vmid,
+                             help="the guest's vmid (not its name, which may change)")
         if name == 'sync-filesystem':
             sub.add_argument('src', metavar='SRC', help='[USER@]HOST:POOL/DATASET or '
                              'POOL/DATASET')
@@ -3077,6 +4404,20 @@ def setup_logging(verbose: int, quiet: bool):
                  else logging.WARNING)
 
 
+@contextlib.contextmanager
+def handle_stop_signals():
+    """SIGINT, SIGTERM and SIGHUP end every running pipeline and raise
+    Stopped in the main thread: locks are released and ssh connections closed
+    on the way out, and the exit status is 128 plus the signal's number."""
+    RUNNING.stopped_by = None
+    previous = {signum: signal.signal(signum, RUNNING.on_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -3086,19 +4427,23 @@ def main(argv=None) -> int:
     setup_logging(args.verbose, args.quiet)
     session = Session(args)
     try:
-        return args.func(session)
+        with handle_stop_signals():
+            try:
+                return args.func(session)
+            finally:
+                session.close()
     except PvesyncError as exc:
         log.error('%s', exc, exc_info=args.verbose >= 2)
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error('interrupted')
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, 'signum', signal.SIGINT)
+        log.error('stopped by %s; a transfer it cut short resumes on the next run',
+                  signal.Signals(signum).name)
+        return EXIT_STOPPED + signum
     except Exception as exc:     # a bug: still one line, unless asked for more
         log.error('internal error: %s: %s (--debug shows where)',
                   type(exc).__name__, exc, exc_info=args.verbose >= 2)
         return EXIT_FAILED
-    finally:
-        session.close()
 
 
 if __name__ == '__main__':

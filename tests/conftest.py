@@ -24,13 +24,22 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope='session')
 def lab(tmp_path_factory):
-    """The booted VM lab (built if needed), with the tool installed; stopped at the end of the session."""
+    """The booted VM lab (built if needed), with the tool installed; stopped at the end of the session.
+    With PLANB_LAB_DIR set to the state directory of a lab that `make lab` left running, that
+    lab is used (its pools made anew) and left running: quicker while working on lab tests."""
     missing = [tool for tool in LAB_TOOLS if shutil.which(tool) is None]
     if missing:
         reason = 'the VM lab needs ' + ', '.join(missing) + ' (see .ci/run for the packages)'
         if os.environ.get('CI') == 'true':
             pytest.fail(reason)
         pytest.skip(reason)
+    running = os.environ.get('PLANB_LAB_DIR')
+    if running:     # a lab of `make lab`, kept running: fresh pools, this tool
+        vms = Lab(running, keep_running=True)
+        vms.create_pools()
+        vms.install_tool(REPO_ROOT)
+        yield vms
+        return
     vms = Lab(tmp_path_factory.mktemp('lab'))
     try:
         vms.start()

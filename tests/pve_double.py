@@ -32,10 +32,17 @@ write_fixture) so that no request reads half of it. Its keys:
               "config": {as GET .../config shows it, without "digest"},
               optional "pool", "hastate", "agent_running" (true), "filesystems" (1)}];
             name, tags, lock and template come from the config
+  templates optional {"NODE/STORAGE": ["debian-12.tar.zst", ...]}: container
+            templates on a storage with content vztmpl; uploads add to it
+
+Creating guests (POST /nodes/{node}/qemu and /lxc, as a restore does) adds
+them to the fixture file, as PVE adds a config file; their tasks end at once.
 """
 
 import argparse
 import dataclasses
+import email.parser
+import email.policy
 import functools
 import hashlib
 import hmac
@@ -168,6 +175,7 @@ class World:
         self.guests = {guest['vmid']: guest for guest in data.get('guests', [])}
         self.pools = {**{g['pool']: {} for g in self.guests.values() if g.get('pool')},
                       **data.get('pools', {})}
+        self.templates = data.get('templates', {})
         self._check()
 
     def _check(self):
@@ -557,6 +565,168 @@ def agent_enabled(value) -> bool:
     return False
 
 
+# What creating a guest needs besides VM.Allocate (qemu-server's and
+# pve-container's check_*_modify_config_perm): a privilege per kind of key.
+CONFIG_PRIVILEGES = (
+    (r'cores|sockets|cpu|cpulimit|cpuunits|vcpus|numa|affinity', 'VM.Config.CPU'),
+    (r'memory|balloon|shares|swap', 'VM.Config.Memory'),
+    (r'net\d+', 'VM.Config.Network'),
+    (r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+',
+     'VM.Config.Disk'),
+    (r'scsihw|bios|machine|vga|serial\d+|hostpci\d+|usb\d+|arch', 'VM.Config.HWType'),
+)
+NOT_CONFIG = ('node', 'vmid', 'ostemplate', 'start', 'storage', 'pool', 'unique', 'restore',
+              'force')
+
+
+def config_privilege(key, value) -> str:
+    if 'media=cdrom' in str(value):
+        return 'VM.Config.Cloudinit' if 'cloudinit' in str(value) else 'VM.Config.CDROM'
+    for pattern, privilege in CONFIG_PRIVILEGES:
+        if re.fullmatch(pattern, key):
+            return privilege
+    return 'VM.Config.Options'
+
+
+def check_create_privileges(call, config):
+    """What PVE checks of a create call: VM.Allocate, a privilege per config
+    key, Datastore.AllocateSpace on each storage a volume is on, SDN.Use on
+    each bridge."""
+    vmid = call.params['vmid']
+    needed = [('/vms/{}'.format(vmid), 'VM.Allocate')]
+    needed += [('/vms/{}'.format(vmid), config_privilege(k, v)) for k, v in sorted(config.items())]
+    for key, value in sorted(config.items()):
+        source = str(value).split(',')[0]
+        if config_privilege(key, value) == 'VM.Config.Disk' and ':' in source:
+            needed.append(('/storage/' + source.split(':')[0], 'Datastore.AllocateSpace'))
+        bridge = re.search(r'(?:^|,)bridge=([^,]+)', str(value))
+        if key.startswith('net') and bridge:
+            needed.append(('/sdn/zones/localnetwork/' + bridge.group(1), 'SDN.Use'))
+    if call.who.userid == 'root@pam':
+        return
+    for path, privilege in needed:
+        if not call.who.has(privilege):
+            raise forbidden('{}, {}'.format(path, privilege))
+
+
+class Tasks:
+    """The tasks started by calls (creating, starting): they end at once."""
+
+    def __init__(self):
+        self._done = {}
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def finish(self, node, kind, what, userid, error=None) -> str:
+        with self._lock:
+            self._count += 1
+            now = int(time.time())
+            upid = 'UPID:{}:{:08X}:{:08X}:{:08X}:{}:{}:{}:'.format(
+                node, 4000 + self._count, 100000 + self._count, now, kind, what, userid)
+            self._done[upid] = {'upid': upid, 'node': node, 'pid': 4000 + self._count,
+                                'pstart': 100000 + self._count, 'starttime': now,
+                                'type': kind, 'id': str(what), 'user': userid,
+                                'status': 'stopped', 'exitstatus': error or 'OK'}
+        return upid
+
+    def status(self, upid):
+        with self._lock:
+            return self._done.get(upid)
+
+
+def permissions(call):
+    """What the caller may do; here every privilege holds on every path."""
+    path = call.params.get('path', '/')
+    return {path: {privilege: 1 for privilege in sorted(call.who.privileges)}}
+
+
+def task_status(call):
+    task = call.api.tasks.status(call.params['upid'])
+    if task is None or task['node'] != call.params['node']:
+        raise ApiError(500, "no such task '{}'\n".format(call.params['upid']))
+    return dict(task)
+
+
+def next_vmid(call):
+    taken = set(call.world.guests)
+    return next(vmid for vmid in range(100, 1_000_000_000) if vmid not in taken)
+
+
+def create_guest(call, kind):
+    """POST /nodes/{node}/qemu or /lxc: the guest joins the fixture."""
+    params, world = call.params, call.world
+    node, vmid = params['node'], params['vmid']
+    config = {key: value for key, value in params.items() if key not in NOT_CONFIG}
+    check_create_privileges(call, config)
+    word = 'VM' if kind == 'qemu' else 'CT'
+    if vmid in world.guests:
+        raise ApiError(500, '{} {} already exists on node {!r}\n'.format(
+            word, vmid, world.guests[vmid]['node']))
+    if kind == 'lxc':
+        if str(config.get('unprivileged', '1')) != '1' and not (
+                call.who.userid == 'root@pam' or call.who.has('Sys.Modify')):
+            raise forbidden('/, Sys.Modify')    # a privileged container
+        storage, _, name = params['ostemplate'].partition(':vztmpl/')
+        if name not in world.templates.get('{}/{}'.format(node, storage), ()):
+            raise ApiError(500, "volume '{}' does not exist\n".format(params['ostemplate']))
+        if str(config.pop('unprivileged', '1')) == '1':
+            config['unprivileged'] = 1
+    guest = {'vmid': vmid, 'type': kind, 'node': node,
+             'status': 'running' if params.get('start') else 'stopped', 'config': config}
+    call.api.change_fixture(lambda data: data['guests'].append(guest))
+    return call.api.tasks.finish(node, 'qmcreate' if kind == 'qemu' else 'vzcreate', vmid,
+                                 call.who.userid)
+
+
+def update_container_config(call):
+    guest = load_guest(call, 'lxc')
+    changes = {key: value for key, value in call.params.items()
+               if key not in ('node', 'vmid', 'delete', 'digest')}
+    if call.params.get('digest') not in (None, digest_of(guest['config'])):
+        raise ApiError(500, 'detected modified configuration - file changed by other user? '
+                            'Try again.\n')
+
+    def change(data):
+        config = next(g for g in data['guests'] if g['vmid'] == guest['vmid'])['config']
+        config.update(changes)
+        for key in filter(None, call.params.get('delete', '').split(',')):
+            config.pop(key, None)
+    call.api.change_fixture(change)
+    return None
+
+
+def start_guest(call, kind):
+    guest = load_guest(call, kind)
+
+    def change(data):
+        next(g for g in data['guests'] if g['vmid'] == guest['vmid'])['status'] = 'running'
+    call.api.change_fixture(change)
+    return call.api.tasks.finish(call.params['node'], 'qmstart' if kind == 'qemu'
+                                 else 'vzstart', guest['vmid'], call.who.userid)
+
+
+def storage_content(call):
+    node, storage = call.params['node'], call.params['storage']
+    entries = []
+    if call.params.get('content') in (None, 'vztmpl'):
+        entries = [{'volid': '{}:vztmpl/{}'.format(storage, name), 'format': 'tgz',
+                    'content': 'vztmpl', 'size': 10240, 'ctime': 1700000000}
+                   for name in call.world.templates.get('{}/{}'.format(node, storage), ())]
+    return entries
+
+
+def upload_file(call):
+    node, storage = call.params['node'], call.params['storage']
+    where = next((s for s in call.world.storages if s['storage'] == storage), None)
+    if where is None or call.params['content'] not in where.get('content', ''):
+        raise ApiError(500, "storage '{}' does not support content type '{}'\n".format(
+            storage, call.params['content']))
+    name = call.params['filename']
+    call.api.change_fixture(lambda data: data.setdefault('templates', {}).setdefault(
+        '{}/{}'.format(node, storage), []).append(name))
+    return call.api.tasks.finish(node, 'imgcopy', '', call.who.userid)
+
+
 # ==============================================================================
 # Routes
 # ==============================================================================
@@ -592,6 +762,56 @@ VM_AUDIT = ('perm', '/vms/{vmid}', ('VM.Audit',))
 FS_MGMT = ('VM.GuestAgent.FileSystemMgmt', 'VM.GuestAgent.Unrestricted')
 FS_MGMT_CHECK = ('perm', '/vms/{vmid}', FS_MGMT, 'any', 1)
 AGENT = '/nodes/{node}/qemu/{vmid}/agent/'
+OPTIONAL_STRING = {'type': 'string', 'optional': 1}
+OPTIONAL_INTEGER = {'type': 'integer', 'optional': 1}
+OPTIONAL_BOOLEAN = {'type': 'boolean', 'optional': 1}
+VMID_OPTIONAL = dict(VMID, optional=1)
+STORAGE_ID = {'type': 'string'}
+# The config keys a create call may carry here: those of the fixtures, and
+# then some (PVE's schema has all; the route test checks these against it).
+QEMU_CREATE = {
+    **dict.fromkeys(('name', 'memory', 'boot', 'bootdisk', 'machine', 'agent', 'tags',
+                     'vmgenid', 'cpu', 'vga', 'pool', 'scsi[n]', 'virtio[n]', 'sata[n]',
+                     'ide[n]', 'net[n]', 'efidisk0', 'tpmstate0', 'serial[n]'),
+                    OPTIONAL_STRING),
+    **dict.fromkeys(('onboot', 'numa', 'start', 'template', 'protection'), OPTIONAL_BOOLEAN),
+    'cores': {'type': 'integer', 'optional': 1, 'minimum': 1},
+    'sockets': {'type': 'integer', 'optional': 1, 'minimum': 1},
+    'balloon': {'type': 'integer', 'optional': 1, 'minimum': 0},
+    'ostype': {'type': 'string', 'optional': 1, 'enum': [
+        'other', 'wxp', 'w2k', 'w2k3', 'w2k8', 'wvista', 'win7', 'win8', 'win10', 'win11',
+        'l24', 'l26', 'solaris']},
+    'scsihw': {'type': 'string', 'optional': 1, 'enum': [
+        'lsi', 'lsi53c810', 'virtio-scsi-pci', 'virtio-scsi-single', 'megasas', 'pvscsi']},
+    'bios': {'type': 'string', 'optional': 1, 'enum': ['seabios', 'ovmf']},
+    'smbios1': {'type': 'string', 'optional': 1, 'maxLength': 512},
+    'description': {'type': 'string', 'optional': 1, 'maxLength': 8192},
+}
+LXC_OSTYPE = {'type': 'string', 'optional': 1, 'enum': [
+    'debian', 'devuan', 'ubuntu', 'centos', 'fedora', 'opensuse', 'archlinux', 'alpine',
+    'gentoo', 'nixos', 'unmanaged']}
+LXC_UPDATE = {
+    'ostype': LXC_OSTYPE,
+    'hostname': {'type': 'string', 'optional': 1, 'maxLength': 255},
+    'description': {'type': 'string', 'optional': 1, 'maxLength': 8192},
+    'delete': OPTIONAL_STRING,
+    'digest': {'type': 'string', 'optional': 1, 'maxLength': 40},
+}
+LXC_CREATE = {
+    **{key: LXC_UPDATE[key] for key in ('ostype', 'hostname', 'description')},
+    **dict.fromkeys(('rootfs', 'mp[n]', 'net[n]', 'tags', 'features', 'nameserver',
+                     'searchdomain', 'timezone', 'startup', 'pool'), OPTIONAL_STRING),
+    **dict.fromkeys(('unprivileged', 'onboot', 'console', 'protection', 'start', 'template'),
+                    OPTIONAL_BOOLEAN),
+    'ostemplate': {'type': 'string', 'maxLength': 255},
+    'arch': {'type': 'string', 'optional': 1, 'enum': [
+        'amd64', 'i386', 'arm64', 'armhf', 'riscv32', 'riscv64']},
+    'cores': {'type': 'integer', 'optional': 1, 'minimum': 1, 'maximum': 8192},
+    'memory': {'type': 'integer', 'optional': 1, 'minimum': 16},
+    'swap': {'type': 'integer', 'optional': 1, 'minimum': 0},
+    'tty': {'type': 'integer', 'optional': 1, 'minimum': 0, 'maximum': 6},
+    'cmode': {'type': 'string', 'optional': 1, 'enum': ['shell', 'console', 'tty']},
+}
 
 ROUTES = (
     Route('POST', '/access/ticket', create_ticket, TICKET_PARAMS, allowtoken=False, login=False),
@@ -613,6 +833,35 @@ ROUTES = (
     Route('POST', AGENT + 'fsfreeze-thaw',
           functools.partial(fsfreeze, command=GuestAgents.thaw), GUEST, FS_MGMT_CHECK,
           proxy=True),
+    Route('GET', '/cluster/nextid', next_vmid, {'vmid': VMID_OPTIONAL}),
+    Route('GET', '/access/permissions', permissions, {'path': OPTIONAL_STRING}),
+    Route('GET', '/nodes/{node}/tasks/{upid}/status', task_status,
+          {'node': NODE, 'upid': {'type': 'string'}}, proxy=True),
+    Route('POST', '/nodes/{node}/qemu', functools.partial(create_guest, kind='qemu'),
+          {**GUEST, **QEMU_CREATE}, proxy=True),
+    Route('POST', '/nodes/{node}/lxc', functools.partial(create_guest, kind='lxc'),
+          {**GUEST, **LXC_CREATE}, proxy=True),
+    Route('PUT', '/nodes/{node}/lxc/{vmid}/config', update_container_config,
+          {**GUEST, **LXC_UPDATE},
+          ('perm', '/vms/{vmid}', ('VM.Config.Disk', 'VM.Config.CPU', 'VM.Config.Memory',
+                                   'VM.Config.Network', 'VM.Config.Options'), 'any', 1),
+          proxy=True),
+    Route('POST', '/nodes/{node}/qemu/{vmid}/status/start',
+          functools.partial(start_guest, kind='qemu'), GUEST,
+          ('perm', '/vms/{vmid}', ('VM.PowerMgmt',)), proxy=True),
+    Route('POST', '/nodes/{node}/lxc/{vmid}/status/start',
+          functools.partial(start_guest, kind='lxc'), GUEST,
+          ('perm', '/vms/{vmid}', ('VM.PowerMgmt',)), proxy=True),
+    Route('GET', '/nodes/{node}/storage/{storage}/content', storage_content,
+          {'node': NODE, 'storage': STORAGE_ID, 'content': OPTIONAL_STRING,
+           'vmid': VMID_OPTIONAL},
+          ('perm', '/storage/{storage}', ('Datastore.Audit', 'Datastore.AllocateSpace'),
+           'any', 1), proxy=True),
+    Route('POST', '/nodes/{node}/storage/{storage}/upload', upload_file,
+          {'node': NODE, 'storage': STORAGE_ID,
+           'content': {'type': 'string', 'enum': ['iso', 'vztmpl', 'import']},
+           'filename': {'type': 'string', 'maxLength': 255}},
+          ('perm', '/storage/{storage}', ('Datastore.AllocateTemplate',))),
     Route('POST', AGENT + 'fsfreeze-status',
           functools.partial(fsfreeze, command=GuestAgents.status), GUEST,
           ('perm', '/vms/{vmid}', ('VM.GuestAgent.Audit', *FS_MGMT), 'any', 1), proxy=True),
@@ -660,13 +909,16 @@ def check_node(world, node):
 
 def validate_params(schema, params):
     """The parameters checked and typed as PVE's JSON schema code does, else its 400."""
+    props = {name: schema_property(schema, name) for name in params}
     errors = {name: 'property is not defined in schema and the schema does not allow '
-                    'additional properties' for name in params.keys() - schema.keys()}
+                    'additional properties' for name, prop in props.items() if prop is None}
     for name, prop in schema.items():
-        if name not in params:
-            if not prop.get('optional'):
-                errors[name] = 'property is missing and it is not optional'
-        elif 'requires' in prop and prop['requires'] not in params:
+        if name not in params and '[n]' not in name and not prop.get('optional'):
+            errors[name] = 'property is missing and it is not optional'
+    for name, prop in props.items():
+        if prop is None:
+            continue
+        if 'requires' in prop and prop['requires'] not in params:
             errors[prop['requires']] = "missing property required by '{}'".format(name)
         else:
             error = value_error(prop, str(params[name]))
@@ -675,7 +927,15 @@ def validate_params(schema, params):
     if errors:
         raise ApiError(400, 'Parameter verification failed.\n', errors)
     typed = {'string': str, 'integer': int, 'boolean': int}
-    return {name: typed[schema[name]['type']](value) for name, value in params.items()}
+    return {name: typed[props[name]['type']](value) for name, value in params.items()}
+
+
+def schema_property(schema, name):
+    """The schema of parameter `name`; scsi[n] stands for scsi0, scsi1, ..."""
+    if name in schema:
+        return schema[name]
+    return next((prop for key, prop in schema.items() if '[n]' in key and re.fullmatch(
+        re.escape(key).replace(r'\[n\]', r'\d+'), name)), None)
 
 
 def value_error(prop, value) -> Optional[str]:
@@ -700,9 +960,23 @@ def request_params(method, query, headers, body):
     if method in ('POST', 'PUT'):
         if headers.get_content_type() == 'application/json':
             params = json.loads(body or b'{}')
+        elif headers.get_content_type() == 'multipart/form-data':
+            params = multipart_params(headers['Content-Type'], body)
         else:
             params = dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
     params.update(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    return params
+
+
+def multipart_params(content_type, body):
+    """The fields of a multipart form; a file's field holds its file name, as
+    pveproxy passes an upload on (the data goes to a temporary file)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b'Content-Type: ' + content_type.encode() + b'\r\n\r\n' + body)
+    params = {}
+    for part in message.iter_parts():
+        name = part.get_param('name', header='content-disposition')
+        params[name] = part.get_filename() or part.get_content()
     return params
 
 
@@ -724,6 +998,7 @@ class Api:
         self.latency = latency
         self.on_call = on_call          # called with (method, path) of every call
         self.agents = GuestAgents()
+        self.tasks = Tasks()
         self.fingerprint = None         # of the certificate, once there is one
         self._secret = secrets.token_bytes(32)
         self._calls = []
@@ -733,6 +1008,14 @@ class Api:
     def calls(self):
         with self._lock:
             return list(self._calls)
+
+    def change_fixture(self, change):
+        """Apply change(data) to the fixture file, as PVE writes a config file."""
+        with self._lock:
+            with open(self.fixture.path, encoding='utf-8') as file:
+                data = json.load(file)
+            change(data)
+            write_fixture(self.fixture.path, data)
 
     def reset_calls(self):
         with self._lock:

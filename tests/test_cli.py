@@ -48,11 +48,13 @@ def pinned(pve):
 
 
 @pytest.mark.parametrize('command', ['list-pve-hosts', 'list-pve-filestores',
-                                     'list-pve-guests'])
+                                     'list-pve-guests', 'list-planb-filesets'])
 @pytest.mark.parametrize('as_json', [False, True])
-def test_listings_whole_output(capsys, rc, pve, command, as_json):
-    config = rc(pinned(pve), 'ssh_user=planb')
-    code, out, err = run(capsys, '-f', config, command, *(['--json'] if as_json else []))
+def test_listings_whole_output(capsys, rc, pve, monkeypatch, command, as_json):
+    config = Path(rc(pinned(pve), 'ssh_user=planb'))
+    config.replace(config.parent / '.proxmoxrc')    # the default: no -f in a command
+    monkeypatch.setenv('HOME', str(config.parent))
+    code, out, err = run(capsys, command, *(['--json'] if as_json else []))
     assert (code, err) == (0, '')
     expected = EXPECTED / '{}.{}'.format(command, 'json' if as_json else 'txt')
     if os.environ.get('PLANB_UPDATE_EXPECTED'):
@@ -237,3 +239,74 @@ def test_fleet_usage_errors_are_one_line(capsys, rc, pve, args, message):
     except SystemExit as exc:       # argparse's own
         code, err = exc.code, capsys.readouterr().err
     assert code == 2 and message in err and err.count('\n') == 1
+
+
+@pytest.fixture
+def odd_cluster(tmp_path):
+    """The demo cluster plus a second acme-wp (306) and a guest whose only
+    disk is not on ZFS (130)."""
+    data = json.loads(FIXTURE.read_text())
+    data['guests'] += [
+        dict(data['guests'][2], vmid=306, node='pve2'),
+        {'vmid': 130, 'type': 'qemu', 'node': 'pve1', 'status': 'stopped',
+         'config': {'name': 'iso-only', 'sata0': 'local:130/vm-130-disk-0.qcow2,size=4M'}}]
+    fixture = tmp_path / 'odd.json'
+    write_fixture(fixture, data)
+    with PveDouble(fixture) as double:
+        yield double
+
+
+def odd_rc(rc, double):
+    return rc('fingerprint=' + double.fingerprint,
+              api='https://planb@pve:planbpass@127.0.0.1:{}'.format(double.port))
+
+
+def test_planb_filesets_name_twins_apart_and_mark_what_has_nothing(capsys, rc, odd_cluster):
+    config = odd_rc(rc, odd_cluster)
+    code, out, err = run(capsys, '-f', config, 'list-planb-filesets',
+                         '-g', '106', '-g', '306', '-g', 'iso-only')
+    assert (code, err) == (0, '')
+    command = 'planb-pvesync -f {} -p demo planb-transport'.format(config)
+    assert out.splitlines() == [
+        'demo/acme-wp-106(vmid=106;3 volume(s);can_create_snapshot=yes;can_rotate_snapshot=no)',
+        '  {} 106'.format(command),
+        'demo/iso-only(vmid=130;nothing to back up (sata0: not ZFS))',
+        'demo/acme-wp-306(vmid=306;3 volume(s);can_create_snapshot=yes;can_rotate_snapshot=no)',
+        '  {} 306'.format(command)]
+    code, out, _ = run(capsys, '-f', config, 'list-planb-filesets', '-g', 'iso-only', '--json')
+    row, = json.loads(out)
+    assert (row['volumes'], row['note']) == ([], 'nothing to back up (sata0: not ZFS)')
+
+
+PLANB_ENV = {'planb_guid': '1d6f3c4e-5a7b-4c8d-9e0f-123456789abc',
+             'planb_storage_name': 'tank/planb/demo-acme-wp',
+             'planb_snapshot_target': 'planb-20261126T0130Z'}
+
+
+@pytest.mark.parametrize('args, env, code, message', [
+    (['planb-transport', '106'], {},
+     2, 'planb-transport is the transport_command of a PlanB fileset, and PlanB sets '
+        'planb_guid, planb_storage_name, planb_snapshot_target; not set here: planb_guid, '
+        'planb_storage_name, planb_snapshot_target'),
+    (['planb-transport', '106'], dict(PLANB_ENV, planb_snapshot_target='planb-20261126T013000Z'),
+     2, "planb_snapshot_target='planb-20261126T013000Z' is not what PlanB sets"),
+    (['planb-transport', '-g', '106', '106'], PLANB_ENV,
+     2, 'planb-transport takes the guest by its vmid alone'),
+    (['planb-transport', '999'], PLANB_ENV, 2, 'no guest with vmid 999 in cluster demo'),
+    (['planb-transport', '130'], PLANB_ENV,
+     1, 'guest 130 (iso-only) has nothing to back up (sata0: not ZFS)'),
+    (['planb-transport', '306', '--keep-destination', 'all:1d'], PLANB_ENV,
+     2, 'unrecognized arguments: --keep-destination'),
+    (['planb-transport', 'acme-wp'], PLANB_ENV, 2, "'acme-wp' is no vmid"),
+])
+def test_planb_transport_refuses_before_anything_changes(capsys, rc, odd_cluster, monkeypatch,
+                                                         args, env, code, message):
+    for key in PLANB_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        status, _, err = run(capsys, '-f', odd_rc(rc, odd_cluster), *args)
+    except SystemExit as exc:       # argparse's own
+        status, err = exc.code, capsys.readouterr().err
+    assert status == code and message in err and err.count('\n') == 1

@@ -1,13 +1,19 @@
 """Command building (pure) and the pipeline runner (real local processes)."""
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from planb_pvesync import (
     CommandError, Dataset, LocalHost, ResumeStep, SendStep, Snapshot, SshHost,
-    SshSettings, Stage, TransferOptions, build_transfer, pipeline_text,
-    recv_args, remote_command, run_pipeline, send_args)
+    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
+    receive_props, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
 
+REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
 
 
@@ -36,23 +42,34 @@ S2 = Snapshot('planb-20261126T010000Z', guid=2, createtxg=2)
 
 
 def test_send_args():
-    assert send_args(SendStep(S1), SRC) == [
+    assert send_args(SendStep(S1), SRC, raw=False) == [
         'send', '-L', '-c', 'rpool/data/vm-100-disk-0@my snap:1']
-    assert send_args(SendStep(S2, base=S1, intermediates=True), SRC)[-3:] == [
+    assert send_args(SendStep(S2, base=S1, intermediates=True), SRC, raw=False)[-3:] == [
         '-I', 'rpool/data/vm-100-disk-0@my snap:1', 'rpool/data/vm-100-disk-0@' + S2.name]
     bookmark = Snapshot('b', guid=1, createtxg=1, bookmark=True)
-    assert send_args(SendStep(S2, base=bookmark), SRC)[-3:-1] == [
+    assert send_args(SendStep(S2, base=bookmark), SRC, raw=False)[-3:-1] == [
         '-i', 'rpool/data/vm-100-disk-0#b']
-    encrypted = Dataset('rpool/data/vm-100-disk-0', 'volume', encrypted=True)
-    assert send_args(SendStep(S1), encrypted)[:2] == ['send', '-w']
-    assert send_args(ResumeStep('1-a-b-c'), SRC) == ['send', '-t', '1-a-b-c']
+    assert send_args(SendStep(S1), SRC, raw=True)[:2] == ['send', '-w']
+    assert send_args(ResumeStep('1-a-b-c'), SRC, raw=True) == ['send', '-t', '1-a-b-c']
 
 
-def test_recv_args_never_mount_and_record_the_origin():
-    assert recv_args('tank/enc/g/x', {'vmid': '106'}, filesystem=True) == [
+def test_recv_args_never_mount_unless_asked():
+    assert recv_args('tank/enc/g/x', {'canmount': 'noauto', 'planb-pvesync:vmid': '106'}) == [
         'recv', '-s', '-u', '-v', '-o', 'canmount=noauto',
         '-o', 'planb-pvesync:vmid=106', 'tank/enc/g/x']
-    assert 'canmount=noauto' not in recv_args('tank/enc/g/x', {}, filesystem=False)
+    assert recv_args('rpool/data/subvol-9-disk-0', {'refquota': '64M'}, mount=True) == [
+        'recv', '-s', '-v', '-o', 'refquota=64M', 'rpool/data/subvol-9-disk-0']
+
+
+def test_receive_props_record_the_origin_and_keep_backups_unmounted():
+    job = SyncJob(LocalHost(), 'rpool/data/subvol-200-disk-0', 'tank/enc/ct/x',
+                  props=(('vmid', '200'),))
+    assert receive_props(job, Dataset(job.src, 'filesystem')) == {
+        'canmount': 'noauto', 'planb-pvesync:vmid': '200'}
+    assert receive_props(job, Dataset(job.src, 'volume')) == {'planb-pvesync:vmid': '200'}
+    restore = SyncJob(LocalHost(), 'tank/enc/ct/x', 'rpool/data/subvol-9-disk-0',
+                      receive_props=(('refquota', '64M'),), mount=True)
+    assert receive_props(restore, Dataset(restore.src, 'filesystem')) == {'refquota': '64M'}
 
 
 def remote(user='planb'):
@@ -78,6 +95,26 @@ def test_options_change_the_stages():
     assert stages[0].argv[-1] == 'zfs send a@b'          # root: no sudo, no pipe
     assert [s.name for s in stages[1:]] == ['mbuffer', 'pv', 'zfs recv']
     assert stages[2].argv[-2:] == ['-s', '12345'] and stages[2].show_stderr
+
+
+def test_push_pipeline_to_a_remote_node():
+    opts = TransferOptions(mbuffer='64M', bwlimit='10M')
+    stages = build_transfer(LocalHost(), remote(), ['send', 'tank/x@s'],
+                            ['recv', 'rpool/data/vm-9-disk-0'], opts, 'vm-9-disk-0', 0)
+    assert [s.name for s in stages] == [
+        'zfs send', 'pv', 'zstd', '10.99.1.1: zstd | mbuffer | zfs recv']
+    assert stages[-1].argv[-1] == (
+        "bash -o pipefail -c 'zstd -d -q -c | mbuffer -q -s 128k -m 64M | "
+        "sudo -n zfs recv rpool/data/vm-9-disk-0'")
+
+
+def test_each_side_checks_the_programs_it_runs():
+    opts = TransferOptions(mbuffer='64M', progress=True)
+    node, here = remote(), LocalHost()
+    assert [(h.name, p) for h, p in transfer_programs(opts, node, here)] == [
+        ('planb@10.99.1.1', ['zstd']), ('localhost', ['zstd', 'mbuffer', 'pv'])]
+    assert [(h.name, p) for h, p in transfer_programs(opts, here, node)] == [
+        ('localhost', ['zstd', 'pv']), ('planb@10.99.1.1', ['zstd', 'mbuffer'])]
 
 
 def test_a_local_source_is_not_compressed():
@@ -160,3 +197,63 @@ def test_run_pipeline_missing_program():
     with pytest.raises(CommandError, match='nope failed .exit 127.: '
                        '/nonexistent/program: No such file or directory'):
         run_pipeline([Stage('seq', ['seq', '10']), Stage('nope', ['/nonexistent/program'])])
+
+
+# A run with pipelines in the main thread and in two worker threads (as --jobs
+# makes), stopped by a signal sent to it alone, not to its children.
+STOPPED_RUN = '''
+import sys, threading
+import planb_pvesync as p
+
+stages = [p.Stage('sleep', ['sleep', '300']), p.Stage('cat', ['cat'])]
+
+def lane():
+    try:
+        p.run_pipeline(stages)
+    except p.Stopped:
+        print('lane stopped', flush=True)
+
+with p.handle_stop_signals():
+    lanes = [threading.Thread(target=lane) for _ in range(2)]
+    try:
+        for thread in lanes:
+            thread.start()
+        p.run_pipeline(stages)
+    except p.Stopped as exc:
+        for thread in lanes:
+            thread.join()
+        sys.exit(p.EXIT_STOPPED + exc.signum)
+'''
+
+
+def processes(**match):
+    """{pid: command} of the processes whose /proc/PID/stat fields match,
+    e.g. ppid=123 or session=123."""
+    fields = ('state', 'ppid', 'pgrp', 'session')
+    found = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/{}/stat'.format(pid)) as stat:
+                name, rest = stat.read().rsplit(')', 1)
+        except OSError:
+            continue
+        values = dict(zip(fields, rest.split()))
+        if all(values[key] == str(value) for key, value in match.items()):
+            found[int(pid)] = name.split('(', 1)[1]
+    return found
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
+    run = subprocess.Popen([sys.executable, '-c', STOPPED_RUN], stdout=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 60        # a guard against a hang, no timing
+    while list(processes(ppid=run.pid).values()).count('sleep') < 3:
+        assert run.poll() is None and time.monotonic() < deadline, 'no three pipelines'
+        time.sleep(0.05)
+    os.kill(run.pid, signum)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 128 + signum
+    assert out.splitlines() == ['lane stopped'] * 2
+    assert processes(session=run.pid) == {}

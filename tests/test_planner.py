@@ -174,28 +174,30 @@ def test_nothing_to_send():
 
 
 def test_parse_zfs_list():
-    def row(*fields, recorded=('-',) * 6):
-        return '\t'.join(fields + recorded) + '\n'
+    def row(*fields, recorded=('-',) * 6, owner='-'):
+        return '\t'.join(fields + recorded + (owner,)) + '\n'
     text = (row('rpool/data/vm-1-disk-0', 'volume', '1', '5', '1700000000', '4096',
-                '8388608', '9000000', 'off', '-', '-', '-')
+                '8388608', '9000000', 'off', '-', '-', '-', '-')
             + row('rpool/data/vm-1-disk-0@my snap:1', 'snapshot', '11', '6', '1700000001',
-                  '512', '8388608', '512', '-', '-', '-', '-')
+                  '512', '8388608', '512', '-', '-', '-', '-', 'tank/enc/_restore/x',
+                  owner='1d6f3c4e-5a7b')
             + row('rpool/data/vm-1-disk-0#my snap:1', 'bookmark', '11', '6', '1700000001',
-                  '-', '-', '-', '-', '-', '-', '-')
+                  '-', '-', '-', '-', '-', '-', '-', '-')
             + row('tank/enc/x', 'filesystem', '2', '9', '1700000000', '0', '0', '0',
-                  'aes-256-gcm', 'unavailable', 'tank/enc', '1-ab-cd-ef',
+                  'aes-256-gcm', 'unavailable', 'tank/enc', '1-ab-cd-ef', '-',
                   recorded=('demo', 'pve1', '-', '-', '106', '-')))
     found = parse_zfs_list(text)
     vol = found['rpool/data/vm-1-disk-0']
     assert (vol.type, vol.written, vol.used, vol.encrypted, vol.resume_token) == (
         'volume', 4096, 9000000, False, None)
-    assert (vol.key_loaded, vol.encryption_root) == (True, None)
-    assert [(s.name, s.guid, s.bookmark, s.ref) for s in vol.snapshots] == [
-        ('my snap:1', 11, False, '@my snap:1'), ('my snap:1', 11, True, '#my snap:1')]
+    assert [(s.name, s.guid, s.bookmark, s.ref, s.cloned, s.owner) for s in vol.snapshots] == [
+        ('my snap:1', 11, False, '@my snap:1', True, '1d6f3c4e-5a7b'),
+        ('my snap:1', 11, True, '#my snap:1', False, None)]
     assert vol.recorded == {}
     fs = found['tank/enc/x']
     assert fs.encrypted and fs.resume_token == '1-ab-cd-ef' and fs.snapshots == ()
-    assert (fs.key_loaded, fs.encryption_root) == (False, 'tank/enc')
+    assert (fs.encryption_root, vol.encryption_root) == ('tank/enc', None)
+    assert (fs.key_loaded, vol.key_loaded) == (False, True)
     assert fs.recorded == {'cluster': 'demo', 'node': 'pve1', 'vmid': '106'}
 
 

@@ -1,5 +1,6 @@
 """Retention: what a keep schedule destroys on the backup, what the source prunes."""
 import calendar
+import dataclasses
 
 import pytest
 from hypothesis import given, strategies as st
@@ -115,12 +116,13 @@ def test_a_rule_keeps_snapshots_exactly_max_age_old():
     assert thin_snapshots([edge, newest], rules, NOW + 1, 'planb') == [edge]
 
 
-def test_the_newest_future_and_protected_snapshots_stay():
+def test_the_newest_future_protected_and_cloned_snapshots_stay():
     old, protected = tool(NOW - 9 * DAY), tool(NOW - 8 * DAY)
+    mounted = dataclasses.replace(tool(NOW - 7 * DAY), cloned=True)   # a restore point
     today, future = tool(NOW - H), tool(NOW + H)                    # one day, one bucket
     newest = tool(NOW - 10 * DAY, txg=NOW + 5 * DAY)                # the clock went back
     bookmark = Snapshot(old.name, old.guid, old.createtxg, bookmark=True)
-    snaps = [bookmark, old, protected, today, future, newest]
+    snaps = [bookmark, old, protected, mounted, today, future, newest]
     assert thin_snapshots(snaps, parse_keep_schedule('daily:1w'), NOW, 'planb',
                           protect={protected.guid}) == [old]
 
@@ -142,6 +144,8 @@ def test_prune_source_keeps_the_newest_own_snapshots():
     snaps = others + [d, c, b, a]
     assert prune_source(snaps, 2, 'planb') == [a, b]
     assert prune_source(snaps, 1, 'planb', protect={b.guid}) == [a, c]
+    assert prune_source(snaps + [dataclasses.replace(tool(NOW - 5 * DAY), cloned=True)],
+                        2, 'planb') == [a, b]
     assert prune_source(snaps, 4, 'planb') == prune_source(snaps, 9, 'planb') == []
     transient = [Snapshot(snapshot_name('__x', NOW - k * DAY), k, k) for k in (1, 2)]
     assert prune_source(transient, 1, '__x') == []                  # PVE's, by name

@@ -3,8 +3,9 @@
 
 Boots the lab, serves the demo cluster from the PVE API double on pve1, lists
 it, backs up a guest to the backup host, changes the guest's disk and backs it
-up again incrementally, printing each command and what it says. The VMs stop
-at the end.
+up again incrementally, backs up the cluster, shows the status, and brings the
+guest back from its first restore point as a new guest on the other node,
+printing each command and what it says. The VMs stop at the end.
 """
 import sys
 from pathlib import Path
@@ -73,6 +74,19 @@ def main():
     step('How old is each backup? With --max-age it is a Nagios check (exit 0, 1 or 2)')
     show(backup, 'planb-pvesync status --all --exclude 120 --sync-zfs-root tank/enc '
          '--max-age 26')
+    step("Restore: acme-wp's restore points, each with the guest's config kept beside it")
+    show(backup, 'planb-pvesync list-restore-points -g acme-wp --sync-zfs-root tank/enc')
+    first = backup.run('zfs list -H -o name -t snapshot -s createtxg '
+                       'tank/enc/acme-wp/local-zfs--vm-106-disk-0', user='planb'
+                       ).stdout.split()[0].split('@')[1]
+    step('Bring acme-wp back from its first restore point, onto pve2 as guest 9106, with a '
+         'restore user that may create guests (the backup user may not)')
+    backup.run('sed s/planb@pve:planbpass/restore@pve:restorepass/ ~/.proxmoxrc '
+               '> ~/.proxmoxrc-restore && chmod 600 ~/.proxmoxrc-restore', user='planb')
+    show(backup, 'planb-pvesync -f ~/.proxmoxrc-restore restore-pve-guest -g acme-wp '
+         '--sync-zfs-root tank/enc --at {} --node pve2 --vmid 9106'.format(first))
+    show(lab.pve2, 'zfs list -o name,used rpool/data/vm-9106-disk-0 rpool/data/vm-9106-disk-2 '
+         'rpool/data/vm-9106-disk-3', user='root')
     step('Done; stopping the lab.')
 
 

@@ -3850,11 +3850,57 @@ def _volume_keys(backup, points) -> Dict[str, str]:
             for key, dataset, _, _ in kept_volumes(parse_kept_config(newest), backup)[0]}
 
 
+@dataclasses.dataclass
+class GuestRestore:
+    """A restore, planned and checked: what goes where, and as what."""
+    backup: GuestBackup
+    point: RestorePoint
+    kept: Optional[dict]            # the kept config; None: disks only
+    node: str
+    vmid: int
+    host: object                    # the SshHost that reaches the node's storage
+    volumes: List[VolumeRestore]
+    states: Dict[str, str]          # restore_states, by target dataset
+    config: dict                    # the guest's new config
+    notes: List[str]                # what was left out or changed
+    template: Optional[str] = None  # the storage for the empty container template
+
+    @property
+    def kind(self) -> str:
+        return self.kept['type'] if self.kept else 'disks of'
+
+
 def cmd_restore_pve_guest(session: Session) -> int:
     """A guest back from a restore point: its disks pushed to a node as PVE
     names them for its vmid, then the guest defined from its kept config."""
     args = session.args
     started = time.monotonic()
+    api, here, plan = _plan_guest_restore(session)
+    print('{} {} (vmid {}) from @{} ({} UTC) to {} as {} {}'.format(
+        'would restore' if args.dry_run else 'restoring', plan.backup.label,
+        plan.backup.vmid, plan.point.name,
+        time.strftime('%Y-%m-%d %H:%M', time.gmtime(plan.point.created)), plan.node,
+        plan.kind, plan.vmid))
+    for note in plan.notes:
+        print('  ' + note)
+    results = _restore_volumes(session, here, plan)
+    failed = [r for r in results if r.status == 'failed']
+    for result in failed:
+        log.error('%s; run the same command again to resume', format_result(result))
+    if args.dry_run:
+        _show_restore(plan)
+    elif not failed:
+        _define_guest(api, args, plan)
+    print('restore-pve-guest: {} ({}) @{} -> {} as {} {}: {} volume(s), {} in {:.1f} s{}'.format(
+        plan.backup.label, plan.backup.vmid, plan.point.name, plan.node, plan.kind, plan.vmid,
+        len(plan.volumes), format_bytes(sum(r.sent for r in results)),
+        time.monotonic() - started, ', FAILED' if failed else ''))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _plan_guest_restore(session: Session) -> Tuple[PveApi, LocalHost, GuestRestore]:
+    """Everything a restore needs to know and check before it sends anything."""
+    args = session.args
     here, _, backup, points = read_guest_backup(session)
     point = choose_restore_point(points, args.at, backup.label)
     kept = parse_kept_config(point.config) if point.config else None
@@ -3869,36 +3915,17 @@ def cmd_restore_pve_guest(session: Session) -> int:
                                     args.storage, args.volume)
     host = _restore_host(session, cluster, volumes, node)
     volumes, states = _check_targets(host, here, volumes, point.name, args.disks_only)
-    if args.disks_only:
-        config, notes = {}, ['{}: left out ({})'.format(k, why) for k, why in dropped.items()]
-    else:
-        config, notes = restored_config(kept, volumes, dropped, args.keep_macs)
-    kind = kept['type'] if kept else 'disks of'
-    template = None
-    if not args.disks_only:
-        if kind == 'lxc':
-            template = template_storage(cluster, node, args.template_storage)
+    plan = GuestRestore(backup, point, None if args.disks_only else kept, node, vmid, host,
+                        volumes, states, {}, ['{}: left out ({})'.format(key, why)
+                                              for key, why in dropped.items()])
+    if plan.kept:
+        plan.config, plan.notes = restored_config(kept, volumes, dropped, args.keep_macs)
+        if plan.kind == 'lxc':
+            plan.template = template_storage(cluster, node, args.template_storage)
         check_privileges(api, restore_privileges(
-            kind, vmid, config, {v.storage for v in volumes}, template, args.start))
-    print('{} {} (vmid {}) from @{} ({} UTC) to {} as {}'.format(
-        'would restore' if args.dry_run else 'restoring', backup.label, backup.vmid,
-        point.name, time.strftime('%Y-%m-%d %H:%M', time.gmtime(point.created)), node,
-        '{} {}'.format(kind, vmid)))
-    for note in notes:
-        print('  ' + note)
-    results = _restore_volumes(session, here, host, volumes, states, point.name)
-    failed = [r for r in results if r.status == 'failed']
-    for result in failed:
-        log.error('%s; run the same command again to resume', format_result(result))
-    if args.dry_run:
-        _show_restore(kept, node, vmid, config, volumes)
-    elif not failed:
-        _define_guest(api, args, kept, node, vmid, config, volumes, template)
-    sent = sum(r.sent for r in results)
-    print('restore-pve-guest: {} ({}) @{} -> {} as {} {}: {} volume(s), {} in {:.1f} s{}'.format(
-        backup.label, backup.vmid, point.name, node, kind, vmid, len(volumes),
-        format_bytes(sent), time.monotonic() - started, ', FAILED' if failed else ''))
-    return EXIT_FAILED if failed else EXIT_OK
+            plan.kind, vmid, plan.config, {v.storage for v in volumes}, plan.template,
+            args.start))
+    return api, here, plan
 
 
 def _restore_node(cluster: PveCluster, wanted: Optional[str], kept: Optional[dict],
@@ -3975,51 +4002,53 @@ def _target_state(here, volume, point, existing) -> str:
     return state
 
 
-def _restore_volumes(session, here, host, volumes, states, point) -> List[JobResult]:
+def _restore_volumes(session, here, plan: GuestRestore) -> List[JobResult]:
     """Every volume not restored yet, with the machinery of a backup run the
     other way: a send here, a resumable receive on the node."""
     args = session.args
-    jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=point,
+    jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=plan.point.name,
                     receive_props=tuple(sorted(subvolume_props(v.options).items()))
                     if v.backup.type == 'filesystem' else (),
                     mount=v.backup.type == 'filesystem',
                     raw=v.backup.encryption_root == v.backup.name)
-            for v in volumes if states[v.dataset] != 'done']
-    for volume in volumes:
-        if states[volume.dataset] == 'done':
+            for v in plan.volumes if plan.states[v.dataset] != 'done']
+    for volume in plan.volumes:
+        if plan.states[volume.dataset] == 'done':
             print('{}: restored already'.format(volume.dataset))
     opts = SyncOptions(
         transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
                                  progress=args.progress, bwlimit=args.bwlimit),
         make_snapshot=False, intermediates=False, keep_source=None, bookmarks=False,
         dry_run=args.dry_run, lock_dir=args.lock_dir)
-    results = SyncRun(jobs, host, opts, out=print).run() if jobs else []
+    results = SyncRun(jobs, plan.host, opts, out=print).run() if jobs else []
     for result in results:
         if result.status == 'synced':
             print(format_result(result))
     return results
 
 
-def _show_restore(kept, node, vmid, config, volumes):
-    if kept is None:
+def _show_restore(plan: GuestRestore):
+    if plan.kept is None:
         return
-    print('would create {} {} on {} with:'.format(kept['type'], vmid, node))
-    for key, value in sorted(config.items(), key=lambda kv: _natural_key(kv[0])):
+    print('would create {} {} on {} with:'.format(plan.kind, plan.vmid, plan.node))
+    for key, value in sorted(plan.config.items(), key=lambda kv: _natural_key(kv[0])):
         print('  {}: {}'.format(key, value))
 
 
-def _define_guest(api, args, kept, node, vmid, config, volumes, template):
-    if args.disks_only:
+def _define_guest(api, args, plan: GuestRestore):
+    if plan.kept is None:
         print('restored the disks as {}; attach them with qm set or pct set'.format(
-            ', '.join(v.volid for v in volumes)))
+            ', '.join(v.volid for v in plan.volumes)))
         return
-    create_guest(api, node, kept['type'], vmid, config,
-                 empty_template(api, node, template) if template else None)
+    template = empty_template(api, plan.node, plan.template) if plan.template else None
+    create_guest(api, plan.node, plan.kind, plan.vmid, plan.config, template)
     if args.start:
-        api.wait(node, api.post('nodes/{}/{}/{}/status/start'.format(node, kept['type'], vmid)))
+        api.wait(plan.node, api.post('nodes/{}/{}/{}/status/start'.format(
+            plan.node, plan.kind, plan.vmid)))
+    config = plan.config
     print('created {} {} ({}) on {}, {}; {}'.format(
-        kept['type'], vmid, config.get('name') or config.get('hostname') or vmid, node,
-        'started' if args.start else 'not started (--start starts it)',
+        plan.kind, plan.vmid, config.get('name') or config.get('hostname') or plan.vmid,
+        plan.node, 'started' if args.start else 'not started (--start starts it)',
         'MAC addresses as they were' if args.keep_macs else
         'new MAC addresses (--keep-macs keeps them)'))
 

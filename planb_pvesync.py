@@ -808,7 +808,8 @@ class PveApi:
         if isinstance(exc, requests.exceptions.SSLError):
             # With failover= each node shows its own certificate: pin them all.
             pins = self.cluster.fingerprints if self.cluster.failover else ()
-            seen = _server_fingerprint(*where.rsplit(':', 1))
+            name, port = where.rsplit(':', 1)
+            seen = _server_fingerprint(name, int(port))
             return ('{}: its TLS certificate is not trusted ({}); if that is your '
                     'cluster, pin it in {}: fingerprint={}'.format(
                         where, _short_reason(exc), section, ' '.join(pins + (seen,))))

@@ -255,5 +255,5 @@ def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
     os.kill(run.pid, signum)
     out, _ = run.communicate(timeout=60)
     assert run.returncode == 128 + signum
-    assert out.splitlines() == ['lane stopped'] * 2
+    assert out.count('lane stopped') == 2     # two threads print: lines may interleave
     assert processes(session=run.pid) == {}

@@ -215,7 +215,7 @@ def test_an_interrupted_restore_resumes(restored):
     lab, first, prints = restored
     args = ['-f', RESTORE_RC, 'restore-pve-guest', '--sync-zfs-root', ROOT, '-g', '310',
             '--at', first, '--node', 'pve2', '--vmid', '9313', '--compress', 'none',
-            '--bwlimit', '512K']    # zstd -T0 would hold back megabytes: none, to cut mid-stream
+            '--bwlimit', '384K']    # zstd -T0 would hold back megabytes: none, to cut mid-stream
     lab.backup.run('nohup planb-pvesync {} >/tmp/restore.log 2>&1 </dev/null &'.format(
         shlex.join(args)), user='planb')
     until(lambda: lab.pve2.run('pgrep -f "zfs recv .*vm-9313-disk-3"',

@@ -2650,10 +2650,14 @@ def format_status(rows: Sequence[BackupStatus], now: float) -> List[str]:
             format_bytes(row.used) if row.newest else '-',
             '?' if row.source_newer is None else format_bytes(row.source_newer),
             row.state + (': ' + '; '.join(row.reasons) if row.reasons else '')))
+    return lines + format_table(table)
+
+
+def format_table(table: Sequence[Sequence[str]]) -> List[str]:
+    """Rows of cells as lines, each column as wide as its widest cell."""
     widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
-    lines += ['  '.join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-              for cells in table]
-    return lines
+    return ['  '.join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+            for cells in table]
 
 
 def status_row(row: BackupStatus) -> dict:
@@ -3836,9 +3840,7 @@ def cmd_list_restore_points(session: Session) -> int:
                'yes' if p.config else 'no',
                ' '.join(keys.get(v, v.rsplit('/', 1)[-1]) for v in p.volumes))
               for p in points]
-    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
-    for cells in table:
-        print('  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    print('\n'.join(format_table(table)))
     return EXIT_OK
 
 

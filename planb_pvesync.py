@@ -3752,12 +3752,17 @@ def cmd_sync_filesystem(session: Session) -> int:
     return run_jobs(session, [job], None)
 
 
+def transfer_options(args) -> TransferOptions:
+    """The options of _add_transfer_options, as the pipeline takes them."""
+    return TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
+                           progress=args.progress, bwlimit=args.bwlimit)
+
+
 def sync_options(session: Session) -> SyncOptions:
     args = session.args
     keep_source, keep_destination = session.retention()
     return SyncOptions(
-        transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
-                                 progress=args.progress, bwlimit=args.bwlimit),
+        transfer=transfer_options(args),
         snapshot_prefix=args.snapshot_prefix, make_snapshot=not args.no_snapshot,
         snapshot_reuse_age=args.snapshot_reuse_age,
         intermediates=not args.no_intermediates, rollback=args.rollback,
@@ -4019,8 +4024,7 @@ def _restore_volumes(session, here, plan: GuestRestore) -> List[JobResult]:
         if plan.states[volume.dataset] == 'done':
             print('{}: restored already'.format(volume.dataset))
     opts = SyncOptions(
-        transfer=TransferOptions(compress=args.compress, mbuffer=args.mbuffer,
-                                 progress=args.progress, bwlimit=args.bwlimit),
+        transfer=transfer_options(args),
         make_snapshot=False, intermediates=False, keep_source=None, bookmarks=False,
         dry_run=args.dry_run, lock_dir=args.lock_dir)
     results = SyncRun(jobs, plan.host, opts, out=print).run() if jobs else []

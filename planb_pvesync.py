@@ -1977,6 +1977,20 @@ def list_datasets(host, names: Sequence[str], depth=1) -> Dict[str, Dataset]:
         raise
 
 
+def read_resume_token(host, token: str) -> Optional[Tuple[Optional[str], int]]:
+    """(the dataset a partial receive's token sends from, the bytes still to
+    send), as `zfs send -n -v -P -t` on `host` reads the token; None when the
+    host cannot send it (its snapshot is gone there)."""
+    try:
+        out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', token))
+    except CommandError as exc:
+        log.info('%s: resume token unusable: %s', host.name, exc)
+        return None
+    named = re.search(r'^\s*toname = ([^@\n]*)@', out, re.M)
+    sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
+    return (named.group(1) if named else None), (int(sizes[-1]) if sizes else 0)
+
+
 def _ancestors(dataset: str) -> List[str]:
     """'tank/enc/x' -> ['tank/enc', 'tank']: the nearest first."""
     parts = dataset.split('/')
@@ -2409,20 +2423,16 @@ class SyncRun:
         """Bytes still to send for a resume token; None when the token is stale.
         A token is resumed only for the source it came from: it names what the
         source sends, and a destination is no authority on that."""
-        host = job.src_host
-        try:
-            out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', step.token))
-        except CommandError as exc:
-            log.info('%s: resume token unusable: %s', job.dst, exc)
+        read = read_resume_token(job.src_host, step.token)
+        if read is None:
             return None
-        named = re.search(r'^\s*toname = ([^@\n]*)@', out, re.M)
-        if named and named.group(1) != job.src:
+        source, size = read
+        if source not in (None, job.src):
             raise SyncError(
                 'it holds a partial receive of {0}, not of its source {1}, so it is not '
                 'resumed (that would send {0}); if {1} is right, abort it: zfs recv -A '
-                '{2}'.format(named.group(1), job.src, job.dst))
-        sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
-        return int(sizes[-1]) if sizes else 0
+                '{2}'.format(source, job.src, job.dst))
+        return size
 
     def _create_parent(self, dst):
         parent = dst.rpartition('/')[0]
@@ -3988,9 +3998,9 @@ def _check_targets(host, here, volumes, point, disks_only):
         while state == 'exists' and disks_only:
             taken = {name.rpartition('/')[2] for name in existing} | {
                 v.volume for v in chosen}
-            volume = dataclasses.replace(volume, volume=next_free_name(volume.volume, taken))
-            volume = dataclasses.replace(
-                volume, dataset='{}/{}'.format(volume.dataset.rpartition('/')[0], volume.volume))
+            name = next_free_name(volume.volume, taken)
+            volume = dataclasses.replace(volume, volume=name, dataset='{}/{}'.format(
+                volume.dataset.rpartition('/')[0], name))
             state = _target_state(here, volume, point, existing)
         if state == 'exists':
             raise UsageError('{} already has {}; nothing was sent: restore as another --vmid, '
@@ -4002,10 +4012,9 @@ def _check_targets(host, here, volumes, point, disks_only):
 
 def _target_state(here, volume, point, existing) -> str:
     state = restore_states([volume], point, existing)[volume.dataset]
-    if state == 'resume':   # a partial receive: only one of ours may be resumed
-        try:
-            here.run(here.zfs('send', '-n', '-t', existing[volume.dataset].resume_token))
-        except CommandError:
+    if state == 'resume':   # a partial receive: resumed only when it is of this backup
+        read = read_resume_token(here, existing[volume.dataset].resume_token)
+        if read is None or read[0] not in (None, volume.backup.name):
             return 'exists'
     return state
 

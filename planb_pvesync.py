@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -38,13 +39,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-import proxmoxer
-import proxmoxer.backends.https
-import proxmoxer.core
-import requests
-import requests.adapters
-import urllib3
-import urllib3.util
 
 __version__ = '0.3.0'
 
@@ -680,7 +674,9 @@ class PveApi:
         self.calls = 0
         self._lock = threading.Lock()
         self._switch = threading.RLock()    # held while logging in or taking over
-        self._session = _ApiSession(cluster)
+        import proxmoxer.backends.https
+        import proxmoxer.core
+        self._session = _api_session_class()(cluster)
         self._roots = [proxmoxer.core.ProxmoxResource(
             base_url='https://{}/api2/json'.format(host), session=self._session,
             serializer=proxmoxer.backends.https.JsonSerializer()) for host in self.hosts]
@@ -736,6 +732,8 @@ class PveApi:
                 time.monotonic() - self._ticket_time > self.TICKET_RENEW_AFTER)
 
     def _call(self, method, path, args, login=False, files=None):
+        import proxmoxer.core
+        import requests
         if not login and self._ticket_due():
             with self._switch:
                 if self._ticket_due():
@@ -777,6 +775,7 @@ class PveApi:
             return True
 
     def _upload(self, host, path, form, files):
+        import proxmoxer.core
         answer = self._session.post('https://{}/api2/json/{}'.format(self.hosts[host], path),
                                     data=form, files=files)
         if answer.status_code != 200:
@@ -803,6 +802,7 @@ class PveApi:
             where, method, path, exc.status_code, said)
 
     def _explain_transport(self, host, exc):
+        import requests
         where = self.hosts[host]
         section = '[pve:{}]'.format(self.cluster.name)
         if isinstance(exc, requests.exceptions.SSLError):
@@ -830,91 +830,111 @@ def _repeatable(method: str, path: str) -> bool:
 
 def _unanswered(exc) -> bool:
     """The host did not answer (even when asked again): another may."""
+    import requests
     return (isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
             and not isinstance(exc, requests.exceptions.SSLError))
 
 
-class _ApiSession(requests.Session):
-    """A session with a time-out on every request (proxmoxer sets none), whose
-    own `verify` wins over REQUESTS_CA_BUNDLE in the environment. Its adapters
-    try again what is safe to repeat, and with fingerprint= accept only a
-    pinned certificate."""
+@functools.lru_cache(maxsize=None)
+def _api_session_class():
+    """The HTTP session PveApi uses, defined (and requests, urllib3 and
+    proxmoxer imported) when the first one is made: a command that never calls
+    the API starts in half the time without them."""
+    import requests.adapters
+    import urllib3.util
 
-    def __init__(self, cluster: ClusterConfig):
-        super().__init__()
-        self.timeout = cluster.timeout
-        self.pins = cluster.fingerprints
-        # With pins the adapter checks the certificate instead.
-        self.verify = False if self.pins else cluster.ca_file or cluster.verify_ssl
-        if self.verify is False:
-            warnings.filterwarnings(
-                'ignore', category=urllib3.exceptions.InsecureRequestWarning)
-        self._adapters = {}     # (host:port, a POST safe to repeat) -> _ApiAdapter
-        self._adapters_lock = threading.Lock()
+    class ApiSession(requests.Session):
+        """A session with a time-out on every request (proxmoxer sets none), whose
+        own `verify` wins over REQUESTS_CA_BUNDLE in the environment. Its adapters
+        try again what is safe to repeat, and with fingerprint= accept only a
+        pinned certificate."""
 
-    def request(self, *args, **kwargs):
-        kwargs.setdefault('timeout', self.timeout)
-        kwargs.setdefault('verify', self.verify)
-        return super().request(*args, **kwargs)
+        def __init__(self, cluster: ClusterConfig):
+            super().__init__()
+            self.timeout = cluster.timeout
+            self.pins = cluster.fingerprints
+            # With pins the adapter checks the certificate instead.
+            self.verify = False if self.pins else cluster.ca_file or cluster.verify_ssl
+            # One TLS context for every connection: urllib3 would make one per
+            # connection and load the system's CA certificates into each, which
+            # costs more than the handshake, and none of them is used here.
+            self.tls = None
+            if self.verify is False:
+                warnings.filterwarnings(
+                    'ignore', category=urllib3.exceptions.InsecureRequestWarning)
+                self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                self.tls.check_hostname = False
+                self.tls.verify_mode = ssl.CERT_NONE
+            self._adapters = {}     # (host:port, a POST safe to repeat) -> ApiAdapter
+            self._adapters_lock = threading.Lock()
 
-    def get_adapter(self, url):
-        parts = urllib.parse.urlsplit(url)
-        key = (parts.netloc, parts.path.endswith(REPEATABLE_POSTS))
-        with self._adapters_lock:
-            if key not in self._adapters:
-                self._adapters[key] = _ApiAdapter(_api_retry(key[1]), self._pin(parts))
-            return self._adapters[key]
+        def request(self, *args, **kwargs):
+            kwargs.setdefault('timeout', self.timeout)
+            kwargs.setdefault('verify', self.verify)
+            return super().request(*args, **kwargs)
 
-    def _pin(self, parts) -> Optional[str]:
-        """The fingerprint this host must show. With one per node: the one it
-        shows, if pinned; else the first, and the connection fails on that."""
-        if len(self.pins) < 2:
-            return self.pins[0] if self.pins else None
-        seen = _server_fingerprint(parts.hostname, parts.port)
-        return seen if seen in self.pins else self.pins[0]
+        def get_adapter(self, url):
+            parts = urllib.parse.urlsplit(url)
+            key = (parts.netloc, parts.path.endswith(REPEATABLE_POSTS))
+            with self._adapters_lock:
+                if key not in self._adapters:
+                    self._adapters[key] = ApiAdapter(api_retry(key[1]), self._pin(parts),
+                                                     self.tls)
+                return self._adapters[key]
 
-    def close(self):
-        for adapter in self._adapters.values():
-            adapter.close()
-        super().close()
+        def _pin(self, parts) -> Optional[str]:
+            """The fingerprint this host must show. With one per node: the one it
+            shows, if pinned; else the first, and the connection fails on that."""
+            if len(self.pins) < 2:
+                return self.pins[0] if self.pins else None
+            seen = _server_fingerprint(parts.hostname, parts.port)
+            return seen if seen in self.pins else self.pins[0]
 
+        def close(self):
+            for adapter in self._adapters.values():
+                adapter.close()
+            super().close()
 
-class _ApiAdapter(requests.adapters.HTTPAdapter):
-    """Tries again as `retry` says; with a fingerprint, accepts exactly the
-    certificate with that SHA-256 fingerprint."""
+    class ApiAdapter(requests.adapters.HTTPAdapter):
+        """Tries again as `retry` says; with a fingerprint, accepts exactly the
+        certificate with that SHA-256 fingerprint; with `tls`, connects with
+        that context."""
 
-    def __init__(self, retry, fingerprint=None):
-        self.fingerprint = fingerprint.replace(':', '').lower() if fingerprint else None
-        super().__init__(pool_maxsize=CONFIG_WORKERS, max_retries=retry)
+        def __init__(self, retry, fingerprint=None, tls=None):
+            self.fingerprint = fingerprint.replace(':', '').lower() if fingerprint else None
+            self.tls = tls
+            super().__init__(pool_maxsize=CONFIG_WORKERS, max_retries=retry)
 
-    def init_poolmanager(self, *args, **kwargs):
-        if self.fingerprint:
-            kwargs['assert_fingerprint'] = self.fingerprint
-        super().init_poolmanager(*args, **kwargs)
+        def init_poolmanager(self, *args, **kwargs):
+            if self.fingerprint:
+                kwargs['assert_fingerprint'] = self.fingerprint
+            if self.tls:
+                kwargs['ssl_context'] = self.tls
+            super().init_poolmanager(*args, **kwargs)
 
+    class ApiRetry(urllib3.util.Retry):
+        """urllib3's Retry, saying each new try with -v."""
 
-class _ApiRetry(urllib3.util.Retry):
-    """urllib3's Retry, saying each new try with -v."""
+        def increment(self, method=None, url=None, response=None, error=None, **kwargs):
+            retry = super().increment(method, url, response, error, **kwargs)
+            why = (_short_reason(error) if error is not None
+                   else '{} {}'.format(response.status, response.reason))
+            wait = retry.get_backoff_time()
+            log.info('(api) %s %s: %s; trying again %s (%d of %d)', method, url, why,
+                     'in {:.0f} s'.format(wait) if wait else 'at once', len(retry.history),
+                     API_RETRIES)
+            return retry
 
-    def increment(self, method=None, url=None, response=None, error=None, **kwargs):
-        retry = super().increment(method, url, response, error, **kwargs)
-        why = (_short_reason(error) if error is not None
-               else '{} {}'.format(response.status, response.reason))
-        wait = retry.get_backoff_time()
-        log.info('(api) %s %s: %s; trying again %s (%d of %d)', method, url, why,
-                 'in {:.0f} s'.format(wait) if wait else 'at once', len(retry.history),
-                 API_RETRIES)
-        return retry
+    def api_retry(posts_too: bool) -> ApiRetry:
+        """A connection that could not be made is tried again always; a request
+        whose answer was lost, or that got 502, 503 or 504, only when it is safe
+        to send twice: a read, and with `posts_too` a POST. Anything else (a
+        certificate refused) is not."""
+        return ApiRetry(total=API_RETRIES, other=0, backoff_factor=API_BACKOFF,
+                         status_forcelist=API_RETRY_STATUS, raise_on_status=False,
+                         allowed_methods=frozenset({'GET', 'POST'} if posts_too else {'GET'}))
 
-
-def _api_retry(posts_too: bool) -> _ApiRetry:
-    """A connection that could not be made is tried again always; a request
-    whose answer was lost, or that got 502, 503 or 504, only when it is safe
-    to send twice: a read, and with `posts_too` a POST. Anything else (a
-    certificate refused) is not."""
-    return _ApiRetry(total=API_RETRIES, other=0, backoff_factor=API_BACKOFF,
-                     status_forcelist=API_RETRY_STATUS, raise_on_status=False,
-                     allowed_methods=frozenset({'GET', 'POST'} if posts_too else {'GET'}))
+    return ApiSession
 
 
 def _server_fingerprint(host, port) -> str:
@@ -1252,8 +1272,10 @@ class Host:
     def zfs(self, *args: str) -> List[str]:
         return self.sudo + ['zfs', *args]
 
-    def run(self, cmd: Sequence[str]) -> str:
-        return run_pipeline(self.stages([cmd]), capture=True)
+    def run(self, cmd: Sequence[str], needs: Sequence[str] = ()) -> str:
+        """`cmd`'s output. With `needs`, first checks that this host has
+        those programs, in the same round trip: MissingPrograms if not."""
+        return run_pipeline(self.stages([cmd], needs), capture=True)
 
     def run_all(self, cmds: Sequence[Sequence[str]]):
         """Each of `cmds`; here every one runs even when another fails."""
@@ -1275,12 +1297,28 @@ class LocalHost(Host):
     def __init__(self):
         self.sudo = [] if os.geteuid() == 0 else ['sudo', '-n']
 
-    def stages(self, cmds: Sequence[Sequence[str]]) -> List[Stage]:
+    def stages(self, cmds: Sequence[Sequence[str]], needs: Sequence[str] = ()) -> List[Stage]:
         """The local process stages that run `cmds` piped into each other."""
+        missing = [name for name in needs if not shutil.which(name)]
+        if missing:
+            raise MissingPrograms(missing)
         return [Stage(_command_name(cmd), list(cmd)) for cmd in cmds]
 
-    def missing_commands(self, names: Sequence[str]) -> List[str]:
-        return [name for name in names if not shutil.which(name)]
+
+# What a remote command runs first when it needs programs (Host.run): every
+# one it lacks named in one line, and the exit status a shell gives a command
+# it cannot find.
+PROGRAM_CHECK = ('m=; for c in {}; do command -v "$c" >/dev/null || m="$m $c"; done; '
+                 '[ -z "$m" ] || {{ echo "planb-pvesync: not installed:$m" >&2; exit 127; }}; ')
+PROGRAMS_MISSING = re.compile(r'^planb-pvesync: not installed: (.*)$', re.M)
+
+
+class MissingPrograms(PvesyncError):
+    """A host lacks programs that a command needs."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        super().__init__('not installed: ' + ', '.join(self.names))
 
 
 class SshHost(Host):
@@ -1305,10 +1343,20 @@ class SshHost(Host):
             runtime += ['-c', DEFAULT_SSH_CIPHERS]
         return user_words[:1] + runtime + user_words[1:]
 
-    def stages(self, cmds: Sequence[Sequence[str]]) -> List[Stage]:
+    def stages(self, cmds: Sequence[Sequence[str]], needs: Sequence[str] = ()) -> List[Stage]:
         """One ssh stage that runs `cmds` piped into each other remotely."""
         name = '{}: {}'.format(self.address, ' | '.join(map(_command_name, cmds)))
-        return [Stage(name, self.ssh_argv() + ['--', remote_command(cmds)])]
+        check = PROGRAM_CHECK.format(shlex.join(needs)) if needs else ''
+        return [Stage(name, self.ssh_argv() + ['--', check + remote_command(cmds)])]
+
+    def run(self, cmd: Sequence[str], needs: Sequence[str] = ()) -> str:
+        try:
+            return super().run(cmd, needs)
+        except CommandError as exc:
+            missing = PROGRAMS_MISSING.search(exc.stderr)
+            if needs and missing:
+                raise MissingPrograms(missing.group(1).split())
+            raise
 
     def run_all(self, cmds: Sequence[Sequence[str]]):
         """Each of `cmds` in one ssh session; every one runs even when
@@ -1318,13 +1366,6 @@ class SshHost(Host):
         stage = Stage('{}: {} command(s)'.format(self.address, len(cmds)),
                       self.ssh_argv() + ['--', script])
         run_pipeline([stage], capture=True)
-
-    def missing_commands(self, names: Sequence[str]) -> List[str]:
-        script = 'for c in {}; do command -v "$c" >/dev/null || echo "$c"; done'
-        words = ' '.join(shlex.quote(name) for name in names)
-        stage = Stage(self.address + ': command -v',
-                      self.ssh_argv() + ['--', script.format(words)])
-        return run_pipeline([stage], capture=True).split()
 
     def close(self):
         subprocess.run(['ssh', '-o', 'ControlPath=' + self._control_path,
@@ -1964,12 +2005,13 @@ class KeyNotLoaded(PvesyncError):
     exit_code = EXIT_CANNOT_START
 
 
-def list_datasets(host, names: Sequence[str], depth=1) -> Dict[str, Dataset]:
-    """One zfs list for all of `names`; the ones that do not exist are left out."""
+def list_datasets(host, names: Sequence[str], depth=1, needs=()) -> Dict[str, Dataset]:
+    """One zfs list for all of `names`; the ones that do not exist are left out.
+    With `needs`, the same round trip checks for those programs (Host.run)."""
     if not names:
         return {}
     try:
-        return parse_zfs_list(host.run(host.zfs(*zfs_list_args(names, depth))))
+        return parse_zfs_list(host.run(host.zfs(*zfs_list_args(names, depth)), needs))
     except CommandError as exc:
         lines = [line for line in exc.stderr.splitlines() if line.strip()]
         if lines and all(MISSING_DATASET.search(line) for line in lines):
@@ -2069,6 +2111,7 @@ class SyncRun:
         self.src = {}               # (host name, dataset) -> Dataset
         self.dst = {}               # dataset -> Dataset
         self.upkeep = {}            # dataset -> (source commands, [Snapshot] they destroy)
+        self.missing = {}           # host name -> programs a transfer needs that it lacks
         self._mutex = threading.Lock()  # for self.dst
 
     def run(self) -> List[JobResult]:
@@ -2112,7 +2155,11 @@ class SyncRun:
 
     def _read_host(self, host, jobs):
         try:
-            found = list_datasets(host, sorted({j.src for j in jobs}))
+            found = list_datasets(host, sorted({j.src for j in jobs}),
+                                  needs=self._programs(host, jobs))
+        except MissingPrograms as exc:
+            self.missing[host.name] = exc.names
+            return
         except CommandError as exc:
             for job in jobs:
                 self._fail(job, 'cannot list its source: {}'.format(exc))
@@ -2128,8 +2175,11 @@ class SyncRun:
     def _read_destinations(self, jobs):
         parents = sorted({j.dst.rpartition('/')[0] for j in jobs})
         try:
-            self.dst = list_datasets(self.dst_host, parents, depth=2)
+            self.dst = list_datasets(self.dst_host, parents, depth=2,
+                                     needs=self._programs(self.dst_host, jobs))
             self._check_keys(parents)
+        except MissingPrograms as exc:
+            self.missing[self.dst_host.name] = exc.names
         except CommandError as exc:
             for job in jobs:
                 self._fail(job, 'cannot list the destination: {}'.format(exc))
@@ -2229,22 +2279,21 @@ class SyncRun:
                 self.src[key], snapshots=self.src[key].snapshots + (newest,))
         return True
 
+    def _programs(self, host, jobs) -> List[str]:
+        """The programs besides zfs that `host` runs in the transfers of `jobs`."""
+        return sorted({name for job in jobs
+                       for side, names in transfer_programs(self.opts.transfer, job.src_host,
+                                                            self.dst_host)
+                       if side.name == host.name for name in names})
+
     def _check_programs(self, jobs):
-        """Each host has the programs its side of the transfers runs: one
-        check per host, the hosts side by side."""
-        wanted = {}     # host name -> (host, programs)
+        """Each host has the programs its side of the transfers runs, as the
+        listings found (they asked in the same round trip)."""
         for job in jobs:
-            for host, programs in transfer_programs(self.opts.transfer, job.src_host,
-                                                    self.dst_host):
-                wanted.setdefault(host.name, (host, set()))[1].update(programs)
-        problems = dict(zip(wanted, side_by_side(lambda item: _missing_programs(*item),
-                                                 wanted.values())))
-        for job in jobs:
-            reasons = problems[job.src_host.name] + problems[self.dst_host.name]
-            unreachable = [r for r in reasons if r.startswith('cannot reach')]
-            if unreachable:
-                self._fail(job, unreachable[0])
-            elif reasons:
+            reasons = ['{} on {}'.format(name, host.name)
+                       for host in (job.src_host, self.dst_host)
+                       for name in self.missing.get(host.name, ())]
+            if reasons:
                 self._fail(job, 'not installed: {}; install it or choose another '
                                 '--compress'.format(', '.join(reasons)))
 
@@ -2482,18 +2531,6 @@ def each_host(jobs: Iterable[SyncJob], work):
     for job in jobs:
         hosts.setdefault(job.src_host.name, (job.src_host, []))[1].append(job)
     side_by_side(lambda item: work(*item), hosts.values())
-
-
-def _missing_programs(host, programs) -> List[str]:
-    """'NAME on HOST' for each of `programs` that `host` lacks, or why it
-    could not be asked."""
-    if not programs:
-        return []
-    try:
-        missing = host.missing_commands(sorted(programs))
-    except CommandError as exc:
-        return ['cannot reach {}: {}'.format(host.name, exc)]
-    return ['{} on {}'.format(name, host.name) for name in missing]
 
 
 def by_pool(jobs: Iterable[SyncJob]) -> List[List[SyncJob]]:

@@ -254,7 +254,7 @@ def test_a_compressor_that_dies_mid_stream_is_named_first(faults):
                and faults.backup.run('pgrep -f "zfs recv -s"', check=False).returncode == 0)
     time.sleep(1)
     faults.pve1.run('pkill -KILL -u planb -x zstd')
-    wait_until(lambda: faults.backup.run('pgrep -f planb_pvesync.py',
+    wait_until(lambda: faults.backup.run('pgrep -f "planb_pvesync[.]main"',
                                        check=False).returncode != 0)
     said = faults.backup.run('cat ' + log).stdout
     failed, = [line for line in said.splitlines() if 'FAILED' in line]

@@ -222,7 +222,7 @@ def interrupt_transfer(lab, src, dst):
     wait_until(lambda: running(lab, 'zfs recv -s'))
     time.sleep(3)
     lab.backup.run('pkill -u planb -x ssh', user='root')
-    wait_until(lambda: not running(lab, 'planb_pvesync.py'))
+    wait_until(lambda: not running(lab, 'planb_pvesync[.]main'))
     log = lab.backup.run('cat /tmp/interrupted.log').stdout
     assert 'FAILED' in log
     token = prop(lab.backup, dst, 'receive_resume_token')

@@ -253,10 +253,14 @@ class Lab:
         each(create_pool, list(self.hosts.values()))
 
     def install_tool(self, repo_root):
-        """Copy planb_pvesync.py (if present) and proxmoxer to /opt/planb-pvesync on every VM."""
+        """Copy planb_pvesync.py (if present) and proxmoxer to /opt/planb-pvesync on every VM,
+        compiled and started as pip's console script starts it (a script run as `python3 FILE`
+        would be compiled anew on every run)."""
         payload = tool_tarball(Path(repo_root))
-        wrapper = f'#!/bin/sh\nPYTHONPATH={TOOL_DIR} exec python3 {TOOL_DIR}/planb_pvesync.py "$@"\n'
+        main = 'import sys, planb_pvesync; sys.exit(planb_pvesync.main())'
+        wrapper = f'#!/bin/sh\nPYTHONPATH={TOOL_DIR} exec python3 -c {shlex.quote(main)} "$@"\n'
         script = (f'rm -rf {TOOL_DIR} && mkdir -p {TOOL_DIR} && tar -x -C {TOOL_DIR}'
+                  f' && python3 -m compileall -q {TOOL_DIR}'
                   f' && printf %s {shlex.quote(wrapper)} > {TOOL_WRAPPER} && chmod 755 {TOOL_WRAPPER}')
         each(lambda host: host.run(script, input=payload), list(self.hosts.values()))
 

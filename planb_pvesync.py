@@ -2097,8 +2097,9 @@ def default_lock_dir() -> str:
 
 
 class SyncRun:
-    """One run over many jobs: lists each host once, snapshots each group at
-    once, then syncs job after job; a failing job does not stop the others."""
+    """One run over many jobs: lists each host once (all side by side),
+    snapshots each group at once, then syncs job after job; a failing job
+    does not stop the others."""
 
     def __init__(self, jobs: Sequence[SyncJob], dst_host, opts: SyncOptions,
                  freeze=None, out=print):
@@ -2118,8 +2119,7 @@ class SyncRun:
         locks = self._lock_all()
         try:
             active = [j for j in self.jobs if self.results[j.dst].status == 'planned']
-            self._read_sources(active)
-            self._read_destinations(active)
+            side_by_side(lambda read: read(active), (self._read_sources, self._read_destinations))
             self._check_programs(self._ready(active))
             self._take_snapshots(self._ready(active))
             self._sync_all(self._ready(active))

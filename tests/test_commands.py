@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    CommandError, Dataset, LocalHost, ResumeStep, SendStep, Snapshot, SshHost,
+    CommandError, Dataset, LocalHost, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
     SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
     receive_props, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
 
@@ -106,6 +106,29 @@ def test_push_pipeline_to_a_remote_node():
     assert stages[-1].argv[-1] == (
         "bash -o pipefail -c 'zstd -d -q -c | mbuffer -q -s 128k -m 64M | "
         "sudo -n zfs recv rpool/data/vm-9-disk-0'")
+
+
+def remote_text(host, cmd, needs):
+    """What `host` would send to the node's shell for `cmd` with `needs`."""
+    stage, = host.stages([cmd], needs)
+    return stage.argv[-1]
+
+
+def test_a_remote_command_first_names_every_program_missing_there():
+    host = SshHost('pve1', SshSettings(user='planb'), '/tmp')
+    text = remote_text(host, ['echo', 'listing'], ['sh', 'nosuch-a', 'nosuch-b'])
+    done = subprocess.run(['sh', '-c', text], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (127, '')
+    assert done.stderr == 'planb-pvesync: not installed: nosuch-a nosuch-b\n'
+    done = subprocess.run(['sh', '-c', remote_text(host, ['echo', 'listing'], ['sh'])],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout == 'listing\n'
+
+
+def test_a_local_command_needing_a_missing_program_does_not_start():
+    with pytest.raises(MissingPrograms, match='not installed: nosuch-a'):
+        LocalHost().run(['true'], needs=['sh', 'nosuch-a'])
+    assert LocalHost().run(['echo', 'ok'], needs=['sh']) == 'ok\n'
 
 
 def test_each_side_checks_the_programs_it_runs():

@@ -565,9 +565,11 @@ class Bench:
         # A cron run finds no master connection left from the one before.
         self.backup.run(' ; '.join('ssh -F /root/.ssh/zab_config -O exit root@{} 2>/dev/null'.format(n)
                                    for n in NODES) + '; true')
+        # --encrypt: the target is encrypted (tank/enc); without it zfs-autobackup sends
+        # with -e, which an encrypted receive refuses.
         return self.measure('root', ' && '.join(
             'zfs-autobackup --ssh-config /root/.ssh/zab_config --ssh-source root@{0} '
-            '--no-snapshot --other-snapshots bench tank/enc/zab/{0}'.format(n) for n in NODES))
+            '--no-snapshot --other-snapshots --encrypt bench tank/enc/zab/{0}'.format(n) for n in NODES))
 
     def tools(self):
         return [('planb-pvesync', self.run_planb), ('syncoid', self.run_syncoid),

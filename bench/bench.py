@@ -51,7 +51,8 @@ sanoid or PVE would, and every tool only replicates them (planb-pvesync
 --other-snapshots); otherwise each tool runs with its defaults. planb-pvesync
 runs as user planb with sudo, as its README says; the peers run as root on
 backup and log in as root on the nodes (zfs-autobackup has no sudo support),
-zfs-autobackup with the ssh ControlMaster settings of its wiki. On the nodes,
+zfs-autobackup with the ssh ControlMaster settings of its wiki and --encrypt
+(the copies are in the encrypted tank/enc). On the nodes,
 sshd logs every command a login from the backup host runs (ForceCommand), so
 "commands" counts every remote command, zfs or not, and "ssh" counts distinct
 TCP connections; a wrapper in /usr/local/sbin logs every zfs run. Wall time and

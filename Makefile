@@ -13,9 +13,11 @@ test: deps
 demo: deps
 	$(PYTHON) tests/lab/demo.py
 
-# planb-pvesync against syncoid and zfs-autobackup on the lab (under 30 minutes on 2 cores);
-# prints a table and writes it to bench/results.rst. See bench/bench.py.
+# planb-pvesync against syncoid and zfs-autobackup on the lab (prints its estimated time;
+# about two hours on 2 cores); writes bench/results.rst, results.json and the picture
+# bench/scale.png (matplotlib, for the bench only). See bench/bench.py.
 bench: deps
+	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/bench.py
 
 # Boot the VM lab (building its image if needed) and leave it running; prints how to log in.

@@ -4,26 +4,46 @@
     make bench                           # all five cases; boots its own lab
     python3 bench/bench.py --cases 5     # discovery only: no VMs, about a minute
     python3 bench/bench.py --help        # sizes, runs, cases
+    python3 bench/plot.py                # redraw bench/scale.png from results.json
 
-Prints a table (tool, case, median wall time, remote commands, ssh
-connections, MB/s, peak RSS) and writes it to bench/results.rst, ready for the
-README. The cases are those of issue #6:
+Prints a table (tool, case, zvols, median wall time, remote commands, ssh
+connections, MB/s, peak RSS) and rewrites it to bench/results.rst after each
+case, with the raw numbers in bench/results.json, so that a run stopped midway
+keeps what it measured; at the end bench/plot.py draws bench/scale.png (wall
+time and remote commands against the number of zvols). The cases are those of
+issues #6 and #13:
 
-1. nothing to do: GUESTS small zvols on pve1 and pve2, all in sync
-2. a little new data: CHANGE_MIB MiB written to CHANGED of them, snapshotted
-3. throughput: one zvol, full send, random and compressible data, planb-pvesync
-   with each --compress against the same pipeline typed into a shell, and
-   against syncoid's default pipeline
+1. nothing to do: N small zvols on pve1 and pve2, all in sync
+2. a little new data: CHANGE_MIB MiB written to a tenth of them, snapshotted
+3. throughput: one zvol, full send, of random (or compressible) data,
+   planb-pvesync with each --compress against the same pipeline typed into a
+   shell, and against syncoid's default pipeline
 4. memory: planb-pvesync's own peak RSS in the runs of cases 2 and 3, and for
    a transfer a quarter the size
 5. discovery: the PVE API double (on loopback, no VMs) with 1,000 guests on
    10 nodes and 20 ms latency: list-pve-guests and sync-pve-guest --all --dry-run
 
-Scaled down to fit in 30 minutes under emulation (TCG, 2 cores): the defaults
-are 20 zvols (4 changed, 2 MiB each) instead of 200 (20 changed) and a 32 MiB
-zvol instead of 2 GiB, one run of each peer in cases 1 and 2 (they take
-seconds per zvol). Larger sizes: --guests 200 --changed 20 --size-mib 2048
---peer-runs 3 --seed-peers (the peers' first copy then made by zfs send -R).
+Cases 1 and 2 are measured at each of --sizes N (total zvols, half on each
+node), and the notes give each tool's seconds per zvol (least-squares slope).
+The sizes nest: the bench makes the zvols of the largest size once, 4 MiB
+each, snapshots them (bench-0) and makes the peers' first copy of all of them
+by hand (zfs send -R; the peers take seconds per zvol under emulation). For
+each size, smallest first, every tool then sees the same first N zvols of a
+list that alternates between the nodes: planb-pvesync through the PVE API
+double's fixture (N guests), syncoid by --exclude of the others (still one
+invocation per node), zfs-autobackup by autobackup:bench=true on each. An
+unmeasured run of planb-pvesync first copies the zvols new at that size (its
+time is logged as catch-up), then come case 1 and case 2; case 2 writes to the
+first tenth (at least one) of the same list, snapshot bench-N-ROUND. The peers
+run only in the first --peer-runs rounds of case 2; the snapshots of the later
+rounds are copied to them by hand afterwards, so that the next size finds
+every tool in sync.
+
+Scaled down to fit under emulation (TCG, 2 cores): the issue asks for 200 zvols
+(20 changed) and a 2 GiB zvol; the defaults are 10, 40 and 100 zvols, 2 MiB
+per changed zvol, a 256 MiB zvol of random data with zstd and without
+compression, three runs of planb-pvesync and one of each peer. The estimated
+time is printed at the start.
 
 How it measures, on the lab (tests/lab): snapshots are made by the bench, as
 sanoid or PVE would, and every tool only replicates them (planb-pvesync
@@ -31,7 +51,8 @@ sanoid or PVE would, and every tool only replicates them (planb-pvesync
 --other-snapshots); otherwise each tool runs with its defaults. planb-pvesync
 runs as user planb with sudo, as its README says; the peers run as root on
 backup and log in as root on the nodes (zfs-autobackup has no sudo support),
-zfs-autobackup with the ssh ControlMaster settings of its wiki. On the nodes,
+zfs-autobackup with the ssh ControlMaster settings of its wiki and --encrypt
+(the copies are in the encrypted tank/enc). On the nodes,
 sshd logs every command a login from the backup host runs (ForceCommand), so
 "commands" counts every remote command, zfs or not, and "ssh" counts distinct
 TCP connections; a wrapper in /usr/local/sbin logs every zfs run. Wall time and
@@ -59,6 +80,8 @@ sys.path.insert(0, str(REPO / 'tests'))
 FIXTURE = REPO / 'tests' / 'fixtures' / 'cluster.json'
 RESULTS = REPO / 'bench' / 'results.rst'
 NODES = ('pve1', 'pve2')
+LAB_NODES = [('pve1', '10.99.1.1'), ('pve2', '10.99.2.1')]
+TOOLS = ('planb-pvesync', 'syncoid', 'zfs-autobackup')
 LOG_DIR = '/var/log/bench'
 MiB = 1 << 20
 
@@ -122,20 +145,28 @@ class Row:
     runs: List[Run]
     mib: Optional[float] = None     # data moved, for MB/s
     calls: Optional[int] = None     # API calls (case 5)
+    zvols: Optional[int] = None     # the guests' zvols the tool sees (cases 1, 2)
     note: str = ''
+
+    @property
+    def case_no(self):
+        return int(self.case.split()[0])
 
     @property
     def wall(self):
         return statistics.median(r.wall for r in self.runs)
 
+    def rss(self):
+        """Each run's planb-pvesync RSS, or else the largest process's (KiB)."""
+        return [r.rss_kib if r.rss_kib is not None else r.tree_rss_kib for r in self.runs]
+
     def cells(self):
         last = self.runs[-1]
-        rss = [r.rss_kib if r.rss_kib is not None else r.tree_rss_kib for r in self.runs]
-        rss = [v for v in rss if v is not None]
+        rss = [v for v in self.rss() if v is not None]
         failed = sum(r.rc != 0 for r in self.runs)
         commands = ('{} API'.format(self.calls) if self.calls is not None
                     else str(last.commands) if self.runs[0].zfs_nodes or last.commands else '-')
-        return [self.tool, self.case,
+        return [self.tool, self.case, str(self.zvols) if self.zvols else '-',
                 '{:.1f}{}'.format(self.wall, '' if len(self.runs) == 1 else ' ({}x)'.format(len(self.runs))),
                 commands,
                 str(last.connections) if last.commands else '-',
@@ -143,17 +174,87 @@ class Row:
                 '{:.0f}{}'.format(max(rss) / 1024, '' if last.rss_kib is not None else '*') if rss else '-',
                 ('FAILED {}/{} '.format(failed, len(self.runs)) if failed else '') + self.note]
 
+    def raw(self):
+        """The numbers for results.json (and bench/plot.py)."""
+        return dict(tool=self.tool, case=self.case_no, label=self.case, zvols=self.zvols, mib=self.mib,
+                    wall=self.wall, walls=[r.wall for r in self.runs], rc=[r.rc for r in self.runs],
+                    commands=[r.commands for r in self.runs], ssh=[r.connections for r in self.runs],
+                    zfs_nodes=[r.zfs_nodes for r in self.runs], zfs_backup=[r.zfs_backup for r in self.runs],
+                    rss_kib=self.rss(), rss_of_tool=self.runs[-1].rss_kib is not None,
+                    api_calls=self.calls, note=self.note)
 
-HEADER = ['tool', 'case', 'wall s', 'commands', 'ssh', 'MB/s', 'RSS MB', 'note']
+
+HEADER = ['tool', 'case', 'zvols', 'wall s', 'commands', 'ssh', 'MB/s', 'RSS MB', 'note']
 
 
 def format_table(rows: List[Row]) -> str:
-    """Plain text, also a valid RST simple table."""
+    """Plain text, also a valid RST simple table; by case, then size."""
+    rows = sorted(rows, key=lambda row: (row.case_no, row.zvols or 0))
     cells = [HEADER] + [row.cells() for row in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
     rule = '  '.join('=' * w for w in widths)
     line = lambda c: '  '.join(v.ljust(w) for v, w in zip(c, widths)).rstrip()
     return '\n'.join([rule, line(cells[0]), rule] + [line(c) for c in cells[1:]] + [rule])
+
+
+def slope(points):
+    """The least-squares slope of y over x for points [(x, y), ...]."""
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    return (sum((x - mean_x) * (y - mean_y) for x, y in points)
+            / sum((x - mean_x) ** 2 for x, _ in points))
+
+
+def slope_notes(rows: List[Row]) -> List[str]:
+    """Per case of several sizes: each tool's seconds per zvol."""
+    notes = []
+    for case in sorted({row.case for row in rows if row.zvols}):
+        fits = []
+        for tool in TOOLS:
+            points = [(row.zvols, row.wall) for row in rows if row.case == case and row.tool == tool]
+            if len({x for x, _ in points}) > 1:
+                fits.append('{} {:.2f}'.format(tool, slope(points)))
+        if fits:
+            notes.append('Case {}, seconds per zvol (least-squares slope of the median wall time over '
+                         'the sizes): {}.'.format(case, ', '.join(fits)))
+    return notes
+
+
+NOTES = ('zvols: the guests\' zvols each tool sees, half on each node; wall s: median of the runs '
+         '(count in brackets); commands: remote commands run on the nodes (API: calls to the PVE API); '
+         'ssh: TCP connections to the nodes; MB/s: MiB of zvol data per second of wall time; RSS MB: '
+         'planb-pvesync\'s own process, or with * the largest process of a peer\'s run.')
+
+
+class Results:
+    """The rows so far, rewritten to results.rst and results.json after each case."""
+
+    def __init__(self, out: Path, settings):
+        self.out = out
+        self.json = out.with_suffix('.json')
+        self.settings = settings
+        self.rows: List[Row] = []
+        self.catch_ups = []     # planb-pvesync's unmeasured first copies, per size
+
+    def add(self, rows: List[Row]):
+        self.rows += rows
+        self.write()
+
+    def add_catch_up(self, zvols, new, run: Run):
+        self.catch_ups.append(dict(zvols=zvols, new=new, wall=run.wall, rc=run.rc, commands=run.commands))
+        self.write()
+
+    def text(self):
+        notes = [NOTES] + slope_notes(self.rows) + [time.strftime('%Y-%m-%d %H:%M')]
+        return format_table(self.rows) + '\n\n' + '\n\n'.join(notes) + '\n'
+
+    def write(self):
+        self.out.write_text(self.text())
+        settings = {key: getattr(self.settings, key)
+                    for key in ('sizes', 'runs', 'peer_runs', 'change_mib', 'size_mib')}
+        self.json.write_text(json.dumps(dict(date=time.strftime('%Y-%m-%d %H:%M'), settings=settings,
+                                             results=[row.raw() for row in self.rows],
+                                             catch_up=self.catch_ups), indent=1) + '\n')
 
 
 def log(text):
@@ -167,29 +268,39 @@ STARTED = time.monotonic()
 # Fixtures: a cluster of many one-disk guests
 # ==============================================================================
 
-def cluster_fixture(nodes, guests_per_node, first_vmid=1001, step=1000):
-    """A PVE cluster like tests/fixtures/cluster.json with guests_per_node VMs
-    per node, each with one 4 MiB disk on local-zfs (rpool/data)."""
+def cluster_fixture(nodes, guests):
+    """A PVE cluster like tests/fixtures/cluster.json with the VMs `guests`,
+    [(node, vmid), ...], each with one 4 MiB disk on local-zfs (rpool/data)."""
     base = json.loads(FIXTURE.read_text())
-    guests = []
-    for n, (name, _) in enumerate(nodes):
-        for i in range(guests_per_node):
-            vmid = first_vmid + n * step + i
-            guests.append({'vmid': vmid, 'type': 'qemu', 'node': name, 'status': 'running',
-                           'config': {'name': 'bench-{}'.format(vmid), 'boot': 'order=scsi0',
-                                      'scsi0': 'local-zfs:vm-{}-disk-0,size=4M'.format(vmid),
-                                      'scsihw': 'virtio-scsi-single', 'cores': 1,
-                                      'memory': '512', 'ostype': 'l26'}})
     return dict(cluster='demo', version=base['version'],
                 nodes=[{'name': name, 'ip': ip, 'status': 'online'} for name, ip in nodes],
                 users=base['users'],
                 storage=[s for s in base['storage'] if s['storage'] in ('local', 'local-zfs')],
-                pools={}, guests=guests)
+                pools={}, guests=[{'vmid': vmid, 'type': 'qemu', 'node': node, 'status': 'running',
+                                   'config': {'name': 'bench-{}'.format(vmid), 'boot': 'order=scsi0',
+                                              'scsi0': 'local-zfs:{},size=4M'.format(zvol_name(vmid)),
+                                              'scsihw': 'virtio-scsi-single', 'cores': 1,
+                                              'memory': '512', 'ostype': 'l26'}}
+                                  for node, vmid in guests])
 
 
-def lab_vmids(guests):
-    per_node = guests // 2
-    return {node: [1001 + n * 1000 + i for i in range(per_node)] for n, node in enumerate(NODES)}
+def zvol_name(vmid):
+    return 'vm-{}-disk-0'.format(vmid)
+
+
+def zvol(vmid):
+    return 'rpool/data/' + zvol_name(vmid)
+
+
+def interleaved_guests(total):
+    """[(node, vmid), ...]: pve1's first, pve2's first, pve1's second, ... The
+    guests at size N are the first N, the changed ones the first changed_count(N)."""
+    return [(node, 1001 + n * 1000 + i) for i in range((total + 1) // 2)
+            for n, node in enumerate(NODES)][:total]
+
+
+def changed_count(size):
+    return max(1, size // 10)
 
 
 # ==============================================================================
@@ -203,8 +314,9 @@ def case_discovery(settings) -> List[Row]:
     try:
         nodes = [('node{:02d}'.format(i), '10.255.0.{}'.format(i)) for i in range(1, 11)]
         fixture = tmp / 'cluster.json'
-        write_fixture(fixture, cluster_fixture(nodes, settings.api_guests // 10, first_vmid=100001,
-                                               step=10000))
+        write_fixture(fixture, cluster_fixture(nodes, [(name, 100001 + n * 10000 + i)
+                                                       for n, (name, _) in enumerate(nodes)
+                                                       for i in range(settings.api_guests // 10)]))
         # ssh and zfs that fail at once: no node is reachable, we measure discovery.
         fake = tmp / 'bin'
         fake.mkdir()
@@ -275,7 +387,8 @@ class Bench:
         self.lab = lab
         self.settings = settings
         self.backup = lab.backup
-        self.vmids = lab_vmids(settings.guests)
+        self.guests = interleaved_guests(max(settings.sizes))
+        self.size = 0           # the guests every tool sees: self.guests[:self.size]
 
     # ---- setup
 
@@ -309,43 +422,49 @@ class Bench:
                         ' && ssh -o BatchMode=yes root@pve2 true')
 
     def make_guests(self):
-        """One 4 MiB zvol per guest; those that case 2 writes to with a device node."""
+        """One 4 MiB zvol per guest of the largest size, snapshot bench-0; those
+        that case 2 writes to with a device node."""
         from lab.lab import each
-        changed = set(self.changed())
+        changed = set(self.guests[:changed_count(len(self.guests))])
 
         def create(node):
-            lines = []
-            for vmid in self.vmids[node]:
-                ds = 'rpool/data/vm-{}-disk-0'.format(vmid)
-                lines.append('/usr/sbin/zfs create -V 4M -o volmode={} {}'.format(
-                    'dev' if (node, ds) in changed else 'none', ds))
+            lines = ['/usr/sbin/zfs create -V 4M -o volmode={} {}'.format(
+                         'dev' if (node, vmid) in changed else 'none', zvol(vmid))
+                     for n, vmid in self.guests if n == node]
             lines.append('/usr/sbin/zfs snapshot -r rpool/data@bench-0')
-            lines.append('/usr/sbin/zfs set autobackup:bench=child rpool/data')
             self.lab[node].run('set -e\n' + '\n'.join(lines), timeout=1800)
         each(create, list(NODES))
         self.backup.run('zfs create -o mountpoint=none tank/enc/planb')
-        if not self.settings.seed_peers:
-            self.backup.run('set -e; for t in syncoid zab; do for n in pve1 pve2; do '
-                            'zfs create -p -o mountpoint=none tank/enc/$t/$n; done; done')
 
     def seed_peers(self):
-        """The peers' first full copy, made by hand: one zfs send -R per node
-        (--seed-peers: the peers take seconds per dataset under emulation).
-        They find bench-0 on both sides and go on from there."""
+        """The peers' first full copy of every zvol, made by hand: one zfs send -R
+        per node and peer. They find bench-0 on both sides and go on from there."""
         lines = ['set -e', 'zfs create -o mountpoint=none tank/enc/syncoid',
                  'zfs create -o mountpoint=none tank/enc/zab']
         for node in NODES:
             lines += ['ssh root@{0} /usr/sbin/zfs send -R rpool/data@bench-0'
-                      ' | zfs recv -u -x encryption tank/enc/syncoid/{0}'.format(node),
+                      ' | zfs recv -u -x encryption -x volmode tank/enc/syncoid/{0}'.format(node),
                       'zfs create -p -o mountpoint=none tank/enc/zab/{}/rpool'.format(node),
                       'ssh root@{0} /usr/sbin/zfs send -R rpool/data@bench-0'
-                      ' | zfs recv -u -x encryption tank/enc/zab/{0}/rpool/data'.format(node)]
-        self.backup.run('\n'.join(lines), timeout=1800)
+                      ' | zfs recv -u -x encryption -x volmode tank/enc/zab/{0}/rpool/data'.format(node)]
+        self.backup.run('\n'.join(lines), timeout=3600)
+
+    def select(self, size):
+        """Show every tool the first `size` guests: the PVE double's fixture
+        (reread on change), syncoid's --exclude, zfs-autobackup's property."""
+        from lab.cluster import set_fixture
+        set_fixture(self.lab, cluster_fixture(LAB_NODES, self.guests[:size]))
+        for node in NODES:
+            new = [zvol(vmid) for n, vmid in self.guests[self.size:size] if n == node]
+            if new:
+                self.lab[node].run('/usr/sbin/zfs set autobackup:bench=true ' + ' '.join(new))
+        self.size = size
 
     def changed(self):
-        per_node = self.settings.changed // 2
-        return [(node, 'rpool/data/vm-{}-disk-0'.format(v))
-                for node in NODES for v in self.vmids[node][:per_node]]
+        return self.guests[:changed_count(self.size)]
+
+    def snapshot_name(self, round_no):
+        return 'bench-{}-{}'.format(self.size, round_no)
 
     def write_changes(self, round_no):
         """CHANGE_MIB MiB of new random data into each changed zvol, then one
@@ -354,7 +473,9 @@ class Bench:
         mib = self.settings.change_mib
 
         def write(node):
-            datasets = [ds for n, ds in self.changed() if n == node]
+            datasets = [zvol(vmid) for n, vmid in self.changed() if n == node]
+            if not datasets:
+                return
             lines = ['set -e']
             for ds in datasets:
                 dev = '/dev/zvol/' + ds
@@ -362,9 +483,28 @@ class Bench:
                              'conv=notrunc,fsync status=none'.format(
                                  wait_for_device(dev), mib * MiB, dev, (round_no * mib) % 3))
             lines.append('/usr/sbin/zfs snapshot {}'.format(
-                ' '.join('{}@bench-{}'.format(ds, round_no) for ds in datasets)))
+                ' '.join('{}@{}'.format(ds, self.snapshot_name(round_no)) for ds in datasets)))
             self.lab[node].run('\n'.join(lines), timeout=600)
         each(write, list(NODES))
+
+    def catch_up_peers(self):
+        """The peers ran only in case 2's first --peer-runs rounds: copy the later
+        rounds' snapshots to them by hand, so that the next size finds them in sync."""
+        last_seen, last = self.settings.peer_runs, self.settings.runs
+        if last_seen >= last:
+            return
+        lines = ['set -e']
+        for node, vmid in self.changed():
+            syncoid_copy = 'tank/enc/syncoid/{}/{}'.format(node, zvol_name(vmid))
+            lines += ['ssh root@{} /usr/sbin/zfs send -I @{} {}@{} | zfs recv -u {}'.format(
+                          node, self.snapshot_name(last_seen), zvol(vmid), self.snapshot_name(last),
+                          syncoid_copy),
+                      'zfs send -I @{} {}@{} | zfs recv -u tank/enc/zab/{}/{}'.format(
+                          self.snapshot_name(last_seen), syncoid_copy, self.snapshot_name(last),
+                          node, zvol(vmid))]
+        done = self.backup.run('\n'.join(lines), check=False, timeout=1800)
+        if done.returncode:     # a peer failed its run: the next size will tell
+            log('copying case 2\'s later snapshots to the peers failed: ' + done.stderr[-1500:])
 
     # ---- measuring
 
@@ -410,16 +550,27 @@ class Bench:
 
     def run_syncoid(self):
         return self.measure('root', ' && '.join(
-            'syncoid -r --skip-parent --no-sync-snap root@{0}:rpool/data tank/enc/syncoid/{0}'.format(n)
-            for n in NODES))
+            'syncoid -r --skip-parent --no-sync-snap{1} root@{0}:rpool/data tank/enc/syncoid/{0}'.format(
+                node, self.syncoid_exclude(node)) for node in NODES))
+
+    def syncoid_exclude(self, node):
+        """syncoid's option that leaves out the node's zvols not selected (its
+        --exclude: the lab's syncoid 2.1 has no --exclude-datasets)."""
+        selected = self.guests[:self.size]
+        left_out = [str(vmid) for n, vmid in self.guests if n == node and (n, vmid) not in selected]
+        if not left_out:
+            return ''
+        return ' --exclude=' + shlex.quote('^{}$'.format(zvol('({})'.format('|'.join(left_out)))))
 
     def run_zab(self):
         # A cron run finds no master connection left from the one before.
         self.backup.run(' ; '.join('ssh -F /root/.ssh/zab_config -O exit root@{} 2>/dev/null'.format(n)
                                    for n in NODES) + '; true')
+        # --encrypt: the target is encrypted (tank/enc); without it zfs-autobackup sends
+        # with -e, which an encrypted receive refuses.
         return self.measure('root', ' && '.join(
             'zfs-autobackup --ssh-config /root/.ssh/zab_config --ssh-source root@{0} '
-            '--no-snapshot --other-snapshots bench tank/enc/zab/{0}'.format(n) for n in NODES))
+            '--no-snapshot --other-snapshots --encrypt bench tank/enc/zab/{0}'.format(n) for n in NODES))
 
     def tools(self):
         return [('planb-pvesync', self.run_planb), ('syncoid', self.run_syncoid),
@@ -427,70 +578,51 @@ class Bench:
 
     # ---- cases
 
-    def case_initial(self) -> List[Row]:
-        """Each tool's first full copy; with --seed-peers only planb-pvesync's,
-        the peers' made by hand."""
-        rows = []
-        for name, fn in self.tools():
-            if name != 'planb-pvesync' and self.settings.seed_peers:
-                continue
-            run = fn()
-            log('initial full sync, {}: {:.1f} s, {} commands, {} ssh'.format(
-                name, run.wall, run.commands, run.connections))
-            rows.append(Row(name, '0 initial full', [run],
-                            note='{} empty zvols'.format(self.settings.guests)))
-        if self.settings.seed_peers:
-            started = time.monotonic()
-            try:
-                self.seed_peers()
-                log('peers seeded by zfs send -R in {:.0f} s'.format(time.monotonic() - started))
-            except Exception as exc:    # the slow way then
-                log('seeding the peers failed, they copy themselves: {}'.format(exc))
-                self.backup.run('zfs destroy -r tank/enc/syncoid; zfs destroy -r tank/enc/zab; '
-                                'for t in syncoid zab; do for n in pve1 pve2; do '
-                                'zfs create -p -o mountpoint=none tank/enc/$t/$n; done; done', check=False)
-                for name, fn in self.tools()[1:]:
-                    rows.append(Row(name, '0 initial full', [fn()],
-                                    note='{} empty zvols'.format(self.settings.guests)))
-        return rows
+    def catch_up(self, new) -> Run:
+        """planb-pvesync's first copy of the `new` zvols of this size, not measured."""
+        run = self.run_planb()
+        log('catch-up at {} zvols, planb-pvesync\'s first copy of {} new: {:.1f} s, exit {}'.format(
+            self.size, new, run.wall, run.rc))
+        return run
 
-    def case_nothing(self) -> List[Row]:
+    def rounds(self, case, prepare=lambda round_no: None):
+        """Each tool's runs at this size: --runs rounds, prepare(round) first;
+        the peers run in the first --peer-runs of them."""
         runs = {name: [] for name, _ in self.tools()}
         for i in range(self.settings.runs):
+            prepare(i + 1)
             for name, fn in self.tools():
                 if i < self.runs_for(name):
                     runs[name].append(fn())
-                    log('case 1 {} run {}: {:.1f} s'.format(name, i + 1, runs[name][-1].wall))
-        return [Row(name, '1 nothing to do', rs, note='{} zvols'.format(self.settings.guests))
-                for name, rs in runs.items()]
+                    log('case {} at {} zvols, {} run {}: {:.1f} s'.format(
+                        case, self.size, name, i + 1, runs[name][-1].wall))
+        return runs
+
+    def case_nothing(self) -> List[Row]:
+        return [Row(name, '1 nothing to do', rs, zvols=self.size)
+                for name, rs in self.rounds(1).items()]
 
     def case_changed(self) -> List[Row]:
-        runs = {name: [] for name, _ in self.tools()}
-        for i in range(self.settings.runs):
-            self.write_changes(i + 1)
-            for name, fn in self.tools():
-                if i >= self.runs_for(name):
-                    continue
-                runs[name].append(fn())
-                log('case 2 {} run {}: {:.1f} s'.format(name, i + 1, runs[name][-1].wall))
-        mib = self.settings.changed * self.settings.change_mib
-        return [Row(name, '2 little new data', rs, mib=mib,
-                    note='{} of {} zvols, {} MiB each'.format(
-                        self.settings.changed, self.settings.guests, self.settings.change_mib))
+        runs = self.rounds(2, self.write_changes)
+        self.catch_up_peers()
+        changed = changed_count(self.size)
+        return [Row(name, '2 little new data', rs, mib=changed * self.settings.change_mib, zvols=self.size,
+                    note='{} changed, {} MiB each'.format(changed, self.settings.change_mib))
                 for name, rs in runs.items()]
 
     def runs_for(self, name):
         return self.settings.runs if name == 'planb-pvesync' else self.settings.peer_runs
 
     def make_throughput_sources(self):
-        """rpool/tp/random and rpool/tp/text on pve1, snapshot @bench: random
-        data, and a tar of the VM's /usr and /etc (text and binaries)."""
+        """rpool/tp/random and rpool/tp/text (those of --data) on pve1, snapshot
+        @bench: random data, and a tar of the VM's /usr and /etc (text and binaries)."""
         size = self.settings.size_mib
         sources = {'random': 'head -c {} /dev/urandom'.format(size * MiB),
                    'text': '{{ tar -cf - /usr /etc 2>/dev/null; cat /dev/zero; }} | head -c {}'.format(size * MiB)}
         from lab.lab import wait_for_device
         lines = ['set -e', '/usr/sbin/zfs create -o compression=lz4 rpool/tp']
-        for name, source in sources.items():
+        for name in self.settings.data:
+            source = sources[name]
             ds = 'rpool/tp/' + name
             dev = '/dev/zvol/' + ds
             lines += ['/usr/sbin/zfs create -V {}M -o volmode=dev {}'.format(size + 16, ds),
@@ -524,7 +656,7 @@ class Bench:
         self.make_throughput_sources()
         rows = []
         size = self.settings.size_mib
-        for data in ('random', 'text'):
+        for data in self.settings.data:
             for compress in self.settings.compressors:
                 for tool in ('planb-pvesync', 'shell'):
                     run = self.transfer(tool, data, compress)
@@ -563,86 +695,146 @@ SSH_CIPHERS = 'aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@o
 # Main
 # ==============================================================================
 
-def run_lab_cases(settings) -> List[Row]:
+def run_lab_cases(settings, results: Results):
     from lab import lab as lab_module
     from lab.cluster import start_pve_double, write_proxmoxrc
     from lab.lab import Lab
     size = settings.size_mib
-    # Sparse files: room for the throughput zvols and three copies of the guests.
-    lab_module.POOL_DISK_MIB.update(pve1=max(1024, 3 * size + 1024), pve2=1024,
-                                    backup=max(2048, 2 * size + 2048))
+    guests_mib = 5 * max(settings.sizes)    # 4 MiB zvols and their metadata
+    # Sparse files: room for the throughput zvols, the guests, and their three copies.
+    lab_module.POOL_DISK_MIB.update(pve1=max(1024, 3 * size + 1024) + guests_mib, pve2=1024 + guests_mib,
+                                    backup=max(2048, 2 * size + 2048) + 3 * guests_mib)
     lab = Lab(settings.state_dir)
-    lab.start()
-    log('lab up')
-    lab.install_tool(REPO)
-    bench = Bench(lab, settings)
-    bench.instrument()
-    fixture = Path(settings.state_dir) / 'bench-cluster.json'
-    fixture.write_text(json.dumps(cluster_fixture([('pve1', '10.99.1.1'), ('pve2', '10.99.2.1')],
-                                                  settings.guests // 2)))
-    write_proxmoxrc(lab, start_pve_double(lab, fixture))
-    rows = []
-    cases = settings.cases
+    try:
+        lab.start()
+        log('lab up')
+        lab.install_tool(REPO)
+        bench = Bench(lab, settings)
+        bench.instrument()
+        fixture = Path(settings.state_dir) / 'bench-cluster.json'
+        fixture.write_text(json.dumps(cluster_fixture(LAB_NODES, [])))
+        write_proxmoxrc(lab, start_pve_double(lab, fixture))
+        cases = settings.cases
+        if {1, 2} & cases:
+            bench.make_guests()
+            log('{} guests made'.format(len(bench.guests)))
+            bench.seed_peers()
+            log('peers seeded by zfs send -R')
+            for zvols in settings.sizes:
+                new = zvols - bench.size
+                bench.select(zvols)
+                results.add_catch_up(zvols, new, bench.catch_up(new))
+                if 1 in cases:
+                    results.add(bench.case_nothing())
+                if 2 in cases:
+                    results.add(bench.case_changed())
+        if {3, 4} & cases:
+            results.add(bench.case_throughput())
+            if 4 in cases:
+                results.add(bench.case_memory())
+    finally:
+        lab.stop()
+
+
+# Rough costs under emulation (TCG, 2 cores), from earlier runs, for the
+# estimate printed at the start: seconds per zvol and run of case 1, 2.
+SECONDS_PER_ZVOL = {'planb-pvesync': {1: 1.1, 2: 2.0}, 'syncoid': {1: 5.2, 2: 6.6},
+                    'zfs-autobackup': {1: 5.4, 2: 7.3}}
+FIRST_COPY_SECONDS_PER_ZVOL = 4.0   # planb-pvesync, --jobs 2
+SETUP_SECONDS_PER_ZVOL = 1.5        # making them, seeding the peers
+LAB_SECONDS = 240                   # boot, install, instrument
+TRANSFER_MB_S = 2.0                 # cases 3 and 4, also writing their sources
+DISCOVERY_SECONDS = 60
+
+
+def estimate_seconds(settings):
+    """Roughly how long the bench takes with these settings."""
+    cases, total = settings.cases, 0.0
+    if cases - {5}:
+        total += LAB_SECONDS
     if {1, 2} & cases:
-        bench.make_guests()
-        log('{} guests made'.format(settings.guests))
-        rows += bench.case_initial()
-        if 1 in cases:
-            rows += bench.case_nothing()
-        if 2 in cases:
-            rows += bench.case_changed()
-    if {3, 4} & cases:
-        rows += bench.case_throughput()
-        if 4 in cases:
-            rows += bench.case_memory()
-    lab.stop()
-    return rows
+        total += max(settings.sizes) * (SETUP_SECONDS_PER_ZVOL + FIRST_COPY_SECONDS_PER_ZVOL)
+        for tool, costs in SECONDS_PER_ZVOL.items():
+            runs = settings.runs if tool == 'planb-pvesync' else min(settings.peer_runs, settings.runs)
+            total += sum(costs[case] for case in {1, 2} & cases) * runs * sum(settings.sizes)
+    if 3 in cases:
+        transfers = len(settings.data) * (2 * len(settings.compressors) + 2)   # + syncoid, the source
+        total += transfers * settings.size_mib / TRANSFER_MB_S
+    if 4 in cases:
+        total += 2 * settings.size_mib / 4 / TRANSFER_MB_S
+    if 5 in cases:
+        total += DISCOVERY_SECONDS
+    return total
+
+
+def comma_list(kind, choices=None):
+    """argparse type: a comma-separated list of `kind`, each one of `choices`."""
+    def parse(text):
+        values = [kind(v) for v in text.split(',')]
+        wrong = [v for v in values if choices and v not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError('{} not one of {}'.format(
+                ', '.join(map(str, wrong)), ','.join(map(str, choices))))
+        return values
+    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--cases', default='1,2,3,4,5', help='which cases (default: %(default)s)')
+    p.add_argument('--cases', type=comma_list(int, (1, 2, 3, 4, 5)), default='1,2,3,4,5',
+                   help='which cases (default: %(default)s)')
     # The issue asks for 200 zvols, 20 of them changed, and 2 GiB: under emulation the
-    # peers take seconds per zvol, so the defaults are scaled to fit in 30 minutes.
-    p.add_argument('--guests', type=int, default=20, help='zvols of cases 1, 2 (default: %(default)s)')
-    p.add_argument('--changed', type=int, default=4, help='zvols written in case 2 (default: %(default)s)')
-    p.add_argument('--change-mib', type=int, default=2, help='MiB written to each (default: %(default)s)')
-    p.add_argument('--size-mib', type=int, default=32,
+    # peers take seconds per zvol, so the defaults are scaled to fit in about an hour.
+    p.add_argument('--sizes', type=comma_list(int), default='10,40,100',
+                   help='zvols of cases 1, 2, over both nodes, at least 2 (default: %(default)s)')
+    p.add_argument('--change-mib', type=int, default=2,
+                   help='MiB written to each changed zvol in case 2 (default: %(default)s)')
+    p.add_argument('--size-mib', type=int, default=256,
                    help='the zvol of case 3 (default: %(default)s; the issue asks 2048)')
-    p.add_argument('--compressors', default='zstd,lz4,none', help='case 3 (default: %(default)s)')
-    p.add_argument('--runs', type=int, default=3, help='runs per case (default: %(default)s)')
+    p.add_argument('--data', type=comma_list(str, ('random', 'text')), default='random',
+                   help='what case 3 sends: random, text (default: %(default)s)')
+    p.add_argument('--compressors', type=comma_list(str, tuple(PLANB_STAGES)), default='zstd,none',
+                   help='case 3 (default: %(default)s)')
+    p.add_argument('--runs', type=int, default=3, help='runs per case and size (default: %(default)s)')
     p.add_argument('--peer-runs', type=int, default=1,
-                   help='runs of the peers in cases 1, 2 (default: %(default)s)')
-    p.add_argument('--seed-peers', action='store_true',
-                   help='make the peers\' first full copy by hand (zfs send -R), not measured; '
-                        'saves minutes at --guests 200')
+                   help='runs of the peers in cases 1, 2, at least 1 (default: %(default)s)')
     p.add_argument('--api-guests', type=int, default=1000, help='case 5 (default: %(default)s)')
     p.add_argument('--api-latency', type=float, default=0.02, help='case 5 (default: %(default)s)')
     p.add_argument('--state-dir', default='/var/tmp/planb-pvesync-bench')
-    p.add_argument('--out', type=Path, default=RESULTS)
+    p.add_argument('--out', type=Path, default=RESULTS,
+                   help='the table (default: bench/results.rst); the numbers go next to it, '
+                        'NAME.json, and the picture, scale.png')
     args = p.parse_args(argv)
-    args.cases = {int(c) for c in args.cases.split(',')}
-    args.compressors = args.compressors.split(',')
+    args.cases = set(args.cases)
+    args.sizes = sorted(set(args.sizes))
+    if args.sizes[0] < 2:
+        p.error('--sizes: each at least 2, one zvol on each node')
+    if not 1 <= args.peer_runs <= args.runs:
+        p.error('--peer-runs: between 1 and --runs')
     return args
 
 
 def main(argv=None):
     settings = parse_args(argv)
-    rows = []
+    log('estimated time: {:.0f} min'.format(estimate_seconds(settings) / 60))
+    results = Results(settings.out, settings)
     if 5 in settings.cases:
-        rows += case_discovery(settings)
+        results.add(case_discovery(settings))
     if settings.cases - {5}:
-        rows = run_lab_cases(settings) + rows
-    table = format_table(rows)
-    notes = ('wall s: median of the runs (count in brackets); commands: remote commands run on the '
-             'nodes (API: calls to the PVE API); ssh: TCP connections to the nodes; MB/s: MiB of '
-             'zvol data per second of wall time; RSS MB: planb-pvesync\'s own process, or with * the '
-             'largest process of a peer\'s run. {}'.format(time.strftime('%Y-%m-%d %H:%M')))
-    print(table)
-    print(notes)
-    settings.out.write_text(table + '\n\n' + notes + '\n')
-    log('done; table in {}'.format(settings.out))
-    return 1 if any(r.rc for row in rows for r in row.runs) else 0
+        run_lab_cases(settings, results)
+    print(results.text())
+    log('done; table in {}, numbers in {}'.format(settings.out, results.json))
+    if any(row.zvols for row in results.rows):
+        try:
+            from plot import draw
+        except ImportError as exc:
+            log('no picture ({}): pip install -r bench/requirements.txt, then python3 bench/plot.py'
+                .format(exc))
+        else:
+            picture = settings.out.parent / 'scale.png'
+            draw(json.loads(results.json.read_text()), picture)
+            log('picture in {}'.format(picture))
+    return 1 if any(r.rc for row in results.rows for r in row.runs) else 0
 
 
 if __name__ == '__main__':

@@ -3,6 +3,8 @@ listings (whole output, text and JSON) and the errors a user meets."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -310,3 +312,19 @@ def test_planb_transport_refuses_before_anything_changes(capsys, rc, odd_cluster
     except SystemExit as exc:       # argparse's own
         status, err = exc.code, capsys.readouterr().err
     assert status == code and message in err and err.count('\n') == 1
+
+
+def test_commands_that_call_no_api_start_without_the_http_stack(tmp_path):
+    """sync-filesystem and the listings of local backups never load requests,
+    urllib3 or proxmoxer: they are a third of the start-up."""
+    script = ('import sys, planb_pvesync\n'
+              'code = planb_pvesync.main(sys.argv[1:])\n'
+              'loaded = {"requests", "urllib3", "proxmoxer"} & set(sys.modules)\n'
+              'print(code, sorted(loaded))\n')
+    repo = Path(__file__).resolve().parent.parent
+    for args in (['sync-filesystem', '--dry-run', 'nosuch/src', 'nosuch/dst'],
+                 ['list-restore-points', '-p', 'demo', '-g', '1', '--sync-zfs-root', 'nosuch']):
+        done = subprocess.run([sys.executable, '-c', script, *args], cwd=tmp_path,
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
+        code, loaded = done.stdout.splitlines()[-1].split(' ', 1)
+        assert loaded == '[]', (args, done.stdout, done.stderr)

@@ -14,7 +14,7 @@ demo: deps
 	$(PYTHON) tests/lab/demo.py
 
 # planb-pvesync against syncoid and zfs-autobackup on the lab (prints its estimated time;
-# about two hours on 2 cores); writes bench/results.rst, results.json and the picture
+# about an hour on 2 cores); writes bench/results.rst, results.json and the picture
 # bench/scale.png (matplotlib, for the bench only). See bench/bench.py.
 bench: deps
 	$(PYTHON) -m pip install -q -r bench/requirements.txt

@@ -931,8 +931,8 @@ def _api_session_class():
         to send twice: a read, and with `posts_too` a POST. Anything else (a
         certificate refused) is not."""
         return ApiRetry(total=API_RETRIES, other=0, backoff_factor=API_BACKOFF,
-                         status_forcelist=API_RETRY_STATUS, raise_on_status=False,
-                         allowed_methods=frozenset({'GET', 'POST'} if posts_too else {'GET'}))
+                        status_forcelist=API_RETRY_STATUS, raise_on_status=False,
+                        allowed_methods=frozenset({'GET', 'POST'} if posts_too else {'GET'}))
 
     return ApiSession
 

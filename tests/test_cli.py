@@ -326,5 +326,5 @@ def test_commands_that_call_no_api_start_without_the_http_stack(tmp_path):
                  ['list-restore-points', '-p', 'demo', '-g', '1', '--sync-zfs-root', 'nosuch']):
         done = subprocess.run([sys.executable, '-c', script, *args], cwd=tmp_path,
                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
-        code, loaded = done.stdout.splitlines()[-1].split(' ', 1)
+        _, loaded = done.stdout.splitlines()[-1].split(' ', 1)
         assert loaded == '[]', (args, done.stdout, done.stderr)

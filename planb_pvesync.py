@@ -23,10 +23,12 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -244,7 +246,8 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG) -> Config:
     try:
         parser.read_string(flush_left, source=filename)
     except configparser.Error as exc:
-        raise ConfigError('{}: {}'.format(filename, ' '.join(str(exc).split())))
+        raise ConfigError('{}: {}'.format(filename, _config_syntax_problem(
+            exc, flush_left.splitlines())))
     clusters, storages = {}, {}
     for section in parser.sections():
         where = '{}: [{}]'.format(filename, section)
@@ -269,6 +272,25 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG) -> Config:
     return Config(filename, clusters, storages)
 
 
+def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str:
+    """configparser's complaint about `lines`, as what is wrong and how to put
+    it right."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ('line {} ({}) comes before any section; the file starts with a section '
+                'line, [pve:CLUSTER], e.g. [pve:mycluster], and its keys follow it'.format(
+                    exc.lineno, lines[exc.lineno - 1].strip()))
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return 'line {}: a second [{}] section; keep one'.format(exc.lineno, exc.section)
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return 'line {}: [{}] has {}= twice; keep one'.format(exc.lineno, exc.section,
+                                                            exc.option)
+    if isinstance(exc, configparser.ParsingError):
+        lineno = exc.errors[0][0]
+        return 'line {} ({}) is no KEY=VALUE line and no [SECTION] line'.format(
+            lineno, lines[lineno - 1].strip())
+    return ' '.join(str(exc).split())
+
+
 def load_config(path: str) -> Config:
     filename = os.path.expanduser(path)
     try:
@@ -276,8 +298,8 @@ def load_config(path: str) -> Config:
             text = fp.read()
             mode = os.fstat(fp.fileno()).st_mode
     except OSError as exc:
-        raise ConfigError('{}: cannot read config: {}; write one as README.rst '
-                          'shows, or name another with -f'.format(
+        raise ConfigError('{}: cannot read config: {}; write one as man planb-pvesync '
+                          'shows under CONFIGURATION, or name another with -f'.format(
                               path, exc.strerror))
     config = parse_config(text, path)
     if mode & (stat.S_IRWXG | stat.S_IRWXO) and _holds_secrets(config):
@@ -948,8 +970,9 @@ def _server_fingerprint(host, port) -> str:
 
 
 def _short_reason(exc) -> str:
-    """The innermost reason of a requests/urllib3 error, on one line."""
-    text = str(exc)
+    """The innermost reason of a requests/urllib3 error, on one line (without
+    the place in OpenSSL's source that some end with, '(_ssl.c:992)')."""
+    text = re.sub(r' \(_ssl\.c:\d+\)', '', str(exc))
     for pattern in (r'Fingerprints did not match', r'\[SSL[^\]]*\][^'"'"'")]*',
                     r'\[Errno[^\]]*\][^'"'"'")]*', r'Name or service not known',
                     r'Remote end closed connection without response',
@@ -1303,6 +1326,60 @@ class LocalHost(Host):
         if missing:
             raise MissingPrograms(missing)
         return [Stage(_command_name(cmd), list(cmd)) for cmd in cmds]
+
+    def run(self, cmd: Sequence[str], needs: Sequence[str] = ()) -> str:
+        """As Host.run; a zfs list or get that fails for want of OpenZFS or of
+        the sudo rule raises NotSetUp. Every command begins with one of those."""
+        try:
+            return super().run(cmd, needs)
+        except CommandError as exc:
+            reads = list(cmd[len(self.sudo):len(self.sudo) + 2]) in (['zfs', 'list'],
+                                                                     ['zfs', 'get'])
+            problem = reads and setup_problem(exc.failed[0], pwd.getpwuid(os.geteuid()).pw_name,
+                                              socket.gethostname())
+            if problem:
+                raise NotSetUp(problem) from exc
+            raise
+
+
+class NotSetUp(PvesyncError):
+    """This host lacks what every command here needs (OpenZFS, the sudo rule
+    for zfs): its first command, a read, fails before anything is changed."""
+    exit_code = EXIT_CANNOT_START
+
+
+# How a missing sudo rule and a missing zfs show on this host: sudo's own
+# words, or those of the exec that found no program.
+SUDO_REFUSED = re.compile(r'^sudo: (a password is required|a terminal is required|'
+                          r'.* is not in the sudoers file|.* is not allowed to execute)', re.M)
+NOT_FOUND = re.compile(r'^(sudo: )?(zfs|sudo): (command not found|No such file or directory)$',
+                       re.M)
+SUDOERS_FILE = '/etc/sudoers.d/planb-pvesync'
+ZFS_PATH = '/usr/sbin/zfs'      # where Debian's zfsutils-linux puts it
+
+
+def setup_problem(failure, user: str, host: str) -> Optional[str]:
+    """What a failed local command (the first failure of a CommandError) says
+    about this host's setup, as a message with the fix; None when it is no
+    such problem."""
+    _, _, err = failure
+    missing = NOT_FOUND.search(err)
+    if missing and missing.group(2) == 'zfs':
+        return ('zfs is not installed on this host ({}), where the backups are kept; '
+                'install OpenZFS (Debian: apt-get install zfs-dkms zfsutils-linux, from '
+                'contrib) and make the pool; nothing was done'.format(host))
+    sudoers_line = '{} ALL=(root) NOPASSWD: {}'.format(user, ZFS_PATH)
+    if missing:
+        return ('sudo is not installed on this host ({}); install it (apt-get install '
+                'sudo), then add the line "{}" in {} (visudo -f {}); nothing was '
+                'done'.format(host, sudoers_line, SUDOERS_FILE, SUDOERS_FILE))
+    refused = SUDO_REFUSED.search(err)
+    if refused:
+        return ('{} may not run zfs with sudo on this host ({}): {}; add the line "{}" '
+                'in {} (visudo -f {}); nothing was done'.format(
+                    user, host, refused.group(0), sudoers_line, SUDOERS_FILE,
+                    SUDOERS_FILE))
+    return None
 
 
 # What a remote command runs first when it needs programs (Host.run): every

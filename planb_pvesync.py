@@ -1336,7 +1336,7 @@ class LocalHost(Host):
             reads = list(cmd[len(self.sudo):len(self.sudo) + 2]) in (['zfs', 'list'],
                                                                      ['zfs', 'get'])
             problem = reads and setup_problem(exc.failed[0], pwd.getpwuid(os.geteuid()).pw_name,
-                                              socket.gethostname())
+                                              socket.gethostname(), find_zfs())
             if problem:
                 raise NotSetUp(problem) from exc
             raise
@@ -1358,22 +1358,32 @@ SUDOERS_FILE = '/etc/sudoers.d/planb-pvesync'
 ZFS_PATH = '/usr/sbin/zfs'      # where Debian's zfsutils-linux puts it
 
 
-def setup_problem(failure, user: str, host: str) -> Optional[str]:
+# Where sudo looks for a program, in its order (Debian's secure_path).
+SUDO_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+
+
+def find_zfs() -> Optional[str]:
+    """The zfs that sudo runs here (and a sudoers line must name), if any."""
+    return shutil.which('zfs', path=SUDO_PATH)
+
+
+def setup_problem(failure, user: str, host: str, zfs: Optional[str]) -> Optional[str]:
     """What a failed local command (the first failure of a CommandError) says
     about this host's setup, as a message with the fix; None when it is no
-    such problem."""
+    such problem. `zfs` is where zfs is here (None: nowhere), for sudo
+    refuses a program it cannot find as one it may not run."""
     _, _, err = failure
     missing = NOT_FOUND.search(err)
-    if missing and missing.group(2) == 'zfs':
+    refused = SUDO_REFUSED.search(err)
+    if (missing or refused) and (zfs is None or missing and missing.group(2) == 'zfs'):
         return ('zfs is not installed on this host ({}), where the backups are kept; '
                 'install OpenZFS (Debian: apt-get install zfs-dkms zfsutils-linux, from '
                 'contrib) and make the pool; nothing was done'.format(host))
-    sudoers_line = '{} ALL=(root) NOPASSWD: {}'.format(user, ZFS_PATH)
+    sudoers_line = '{} ALL=(root) NOPASSWD: {}'.format(user, zfs or ZFS_PATH)
     if missing:
         return ('sudo is not installed on this host ({}); install it (apt-get install '
                 'sudo), then add the line "{}" in {} (visudo -f {}); nothing was '
                 'done'.format(host, sudoers_line, SUDOERS_FILE, SUDOERS_FILE))
-    refused = SUDO_REFUSED.search(err)
     if refused:
         return ('{} may not run zfs with sudo on this host ({}): {}; add the line "{}" '
                 'in {} (visudo -f {}); nothing was done'.format(

@@ -299,13 +299,21 @@ def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
      'add the line "planb ALL=(root) NOPASSWD: /usr/sbin/zfs"'),
 ])
 def test_a_host_without_zfs_or_its_sudo_rule_is_named_with_the_fix(failure, says):
-    assert says in setup_problem(failure, 'planb', 'backup')
+    assert says in setup_problem(failure, 'planb', 'backup', '/usr/sbin/zfs')
+
+
+@pytest.mark.parametrize('err', ['sudo: a password is required',
+                                 'sudo: No such file or directory'])
+def test_sudo_refusing_a_zfs_that_is_not_there_is_no_zfs(err):
+    """sudo -n says a password is required for a program it does not find."""
+    assert setup_problem(('zfs list', 1, err), 'planb', 'backup', None).startswith(
+        'zfs is not installed on this host (backup)')
 
 
 @pytest.mark.parametrize('err', ["cannot open 'tank/x': dataset does not exist",
                                  'internal error: out of memory', ''])
 def test_other_failures_are_no_setup_problem(err):
-    assert setup_problem(('zfs list', 1, err), 'planb', 'backup') is None
+    assert setup_problem(('zfs list', 1, err), 'planb', 'backup', '/usr/sbin/zfs') is None
 
 
 def test_a_local_zfs_list_without_zfs_cannot_start(monkeypatch):

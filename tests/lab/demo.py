@@ -59,7 +59,7 @@ def cluster_config(lab, vmid):
 def main():
     stage('booting the lab: pve1 and pve2 play PVE nodes (pool rpool, rpool/data), '
           'backup plays the backup host (pool tank, encrypted tank/enc); the first '
-          'time, this builds the VM image (about 6 minutes)')
+          'time, this builds the VM image (about 5 minutes)')
     lab = Lab(STATE_DIR)
     lab.start()
     stage('installing planb-pvesync on the VMs')
@@ -117,8 +117,8 @@ def main():
          'rpool/data/vm-9106-disk-3', user='root')
 
     step('The cluster has guest 9106 now, its config recreated from the one kept with '
-         'the restore point: its disks renamed, new MAC addresses (the API double\'s '
-         'record, as qm config 9106 shows it on a node)')
+         'the restore point: its disks renamed, no MAC address, so that PVE makes new ones '
+         '(the API double\'s record, as qm config 9106 shows it on a node)')
     node, config = cluster_config(lab, 9106)
     print('node: ' + node)
     for key, value in config.items():

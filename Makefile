@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements-test.txt | packages
 	touch $@
 
 test: deps
-	$(PYTHON) -m pytest -v tests
+	$(PYTHON) -m pytest -v --durations=40 tests
 
 # Boot the lab and show the tool backing up a guest of the demo cluster.
 demo: deps

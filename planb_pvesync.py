@@ -16,6 +16,7 @@ import configparser
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import functools
 import gzip
@@ -1102,32 +1103,78 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+@functools.lru_cache(maxsize=None)
+def _parent_death_programs() -> bool:
+    have = all(shutil.which(name) for name in ('setpriv', 'timeout'))
+    if not have:
+        log.info('no setpriv or timeout here: a stage may outlive the tool when it is killed')
+    return have
+
+
+def ending_with_tool(argv: Sequence[str]) -> List[str]:
+    """`argv` as a stage that gets SIGTERM when the tool ends, however it
+    ends: setpriv sets the parent-death signal, which the kernel sends when
+    the thread that started the stage is gone (each waits for its stages).
+    The signal does not survive the exec of a setuid program, so sudo runs
+    under timeout, which never times out (0) but passes the signal on to
+    sudo, and sudo on to its command: a receive keeps what it got (recv -s),
+    as when the tool stops it itself. A stage on another host ends when its
+    ssh does."""
+    if not _parent_death_programs():
+        return list(argv)
+    guard = ['timeout', '--foreground', '0'] if argv[0] == 'sudo' else []
+    return ['setpriv', '--pdeathsig', 'TERM', '--', *guard, *argv]
+
+
 class RunningProcesses:
     """The processes of every running pipeline, in all threads, so that a
     stop signal ends them all at once: a Ctrl-C at a terminal reaches them by
-    itself, a SIGTERM to the tool alone does not."""
+    itself, a SIGTERM to the tool alone does not.
+
+    Whatever ends the tool, even a SIGKILL (PlanB's task timeout, the OOM
+    killer), its stages end with it: each runs with a parent-death signal
+    (ending_with_tool), and inherits the locks of the datasets its thread
+    works on (holding), so that no later run overlaps a stage still alive."""
 
     def __init__(self):
         # Reentrant: the signal handler runs in the main thread, which may
         # hold the lock when the signal arrives.
         self._lock = threading.RLock()
         self._procs = set()
-        self._starting = threading.local()
+        self._thread = threading.local()    # .starting, .held
         self.stopped_by = None      # the first stop signal's number
 
     def popen(self, argv, **kwargs) -> subprocess.Popen:
         """subprocess.Popen, tracked until discard(). A stop signal that
         arrives meanwhile ends the new process too; check() then raises."""
-        self._starting.now = True
+        self._thread.starting = True
         try:
-            proc = subprocess.Popen(argv, **kwargs)
+            if shutil.which(argv[0]) is None:     # as Popen would say, not setpriv
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+            proc = subprocess.Popen(ending_with_tool(argv), pass_fds=self.held(), **kwargs)
             with self._lock:
                 self._procs.add(proc)
                 if self.stopped_by:
                     proc.terminate()
         finally:
-            self._starting.now = False
+            self._thread.starting = False
         return proc
+
+    @contextlib.contextmanager
+    def holding(self, fds: Sequence[int]):
+        """Every process this thread starts meanwhile inherits `fds` (the
+        locks of the datasets it works on): an flock lasts as long as any
+        process holds it open. sudo keeps them open in its own process, which
+        lives as long as its command, and closes them for the command."""
+        before = self.held()
+        self._thread.held = before + tuple(fds)
+        try:
+            yield
+        finally:
+            self._thread.held = before
+
+    def held(self) -> Tuple[int, ...]:
+        return getattr(self._thread, 'held', ())
 
     def discard(self, procs):
         with self._lock:
@@ -1148,7 +1195,7 @@ class RunningProcesses:
             self.stopped_by = self.stopped_by or signum
             for proc in self._procs:
                 (proc.terminate if first else proc.kill)()
-        if first and not getattr(self._starting, 'now', False):
+        if first and not getattr(self._thread, 'starting', False):
             raise Stopped(signum)
 
 
@@ -2053,14 +2100,32 @@ def needs_snapshot(sources: Sequence[Dataset], reuse_age: int, now: float) -> bo
 
 class DatasetLock:
     """An flock per destination dataset, so that overlapping runs never
-    receive into the same dataset at once."""
+    receive into the same dataset at once. The stages of the dataset's
+    commands inherit it (RUNNING.holding): a run killed mid-transfer leaves
+    it held until the last of them has ended."""
 
     def __init__(self, lock_dir: str, dataset: str):
+        self.dataset = dataset
         self.path = os.path.join(lock_dir, dataset.replace('/', '%') + '.lock')
-        self._fd = None
+        self.fd = None
 
     def acquire(self, wait: bool) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        """False when another run holds it (and not `wait`). The file is
+        opened without following a symbolic link, and used only when it is
+        a plain file of this user's with no other name."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LockError('{} is a symbolic link, which a lock never follows; '
+                                'remove it'.format(self.path))
+            raise LockError('{}: cannot open it: {}'.format(self.path, exc.strerror))
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid() \
+                or found.st_nlink != 1:
+            os.close(fd)
+            raise LockError('{} is not a plain file of your own (a hard link, or '
+                            "another user's); remove it".format(self.path))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -2068,32 +2133,61 @@ class DatasetLock:
             return False
         os.ftruncate(fd, 0)
         os.write(fd, '{}\n'.format(os.getpid()).encode())
-        self._fd = fd
+        self.fd = fd
         return True
 
     def holder(self) -> str:
         try:
-            with open(self.path) as fp:
-                return 'pid ' + (fp.read().strip() or '?')
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as fp:
+                return 'pid ' + (fp.read(20).strip() or '?')
         except OSError:
             return 'another process'
 
     def release(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def default_lock_dir() -> str:
-    for base in ('/run/lock', tempfile.gettempdir()):
-        path = os.path.join(base, 'planb-pvesync')
+class LockError(PvesyncError):
+    """A lock file or its directory is not safe to use; nothing was done
+    to the volumes it guards."""
+    exit_code = EXIT_CANNOT_START
+
+
+def lock_directory(wanted: Optional[str]) -> str:
+    """Where the locks live: `wanted` (--lock-dir), else this user's own
+    /run/lock/planb-pvesync-UID (in the temporary directory where there is
+    no /run/lock), made with mode 0700. Only a directory of this user's that
+    no one else may enter is used: another user could plant a link in it."""
+    uid = os.geteuid()
+    if wanted:
+        candidates = [os.path.abspath(wanted)]
+    else:
+        candidates = [os.path.join(base, 'planb-pvesync-{}'.format(uid))
+                      for base in ('/run/lock', tempfile.gettempdir()) if os.path.isdir(base)]
+    for path in candidates:
         try:
-            os.makedirs(path, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if wanted:
+                raise LockError('--lock-dir {}: cannot make it: {}'.format(path, exc.strerror))
             continue
-    raise PvesyncError('no writable lock directory; pass --lock-dir')
+        found = os.lstat(path)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != uid:
+            raise LockError('{} is not a directory of your own (uid {}), so it cannot hold '
+                            'the locks; remove it, or name another with --lock-dir'.format(
+                                path, uid))
+        if found.st_mode & 0o077:
+            raise LockError('{} may be used by others (mode {:o}), so it cannot hold the '
+                            'locks; chmod 700 {}'.format(
+                                path, stat.S_IMODE(found.st_mode), shlex.quote(path)))
+        return path
+    raise LockError('no directory for the locks: /run/lock and {} are not writable; '
+                    'name one with --lock-dir'.format(tempfile.gettempdir()))
 
 
 class SyncRun:
@@ -2113,10 +2207,12 @@ class SyncRun:
         self.dst = {}               # dataset -> Dataset
         self.upkeep = {}            # dataset -> (source commands, [Snapshot] they destroy)
         self.missing = {}           # host name -> programs a transfer needs that it lacks
+        self.locks = {}             # dataset -> its DatasetLock, while the run holds it
         self._mutex = threading.Lock()  # for self.dst
 
     def run(self) -> List[JobResult]:
         locks = self._lock_all()
+        self.locks = {lock.dataset: lock for lock in locks}
         try:
             active = [j for j in self.jobs if self.results[j.dst].status == 'planned']
             side_by_side(lambda read: read(active), (self._read_sources, self._read_destinations))
@@ -2139,11 +2235,16 @@ class SyncRun:
     def _lock_all(self):
         if self.opts.dry_run:
             return []
-        lock_dir = self.opts.lock_dir or default_lock_dir()
+        lock_dir = lock_directory(self.opts.lock_dir)
         locks = []
         for job in self.jobs:
             lock = DatasetLock(lock_dir, job.dst)
-            if lock.acquire(self.opts.wait):
+            try:
+                acquired = lock.acquire(self.opts.wait)
+            except LockError as exc:
+                self._fail(job, str(exc))
+                continue
+            if acquired:
                 locks.append(lock)
             else:
                 self._fail(job, '{} is syncing it now; skipped (--wait waits '
@@ -2311,6 +2412,11 @@ class SyncRun:
                 pass
 
     def _sync_job(self, job):
+        lock = self.locks.get(job.dst)
+        with RUNNING.holding([lock.fd] if lock else []):
+            self._sync_locked_job(job)
+
+    def _sync_locked_job(self, job):
         result = self.results[job.dst]
         src = self.src[(job.src_host.name, job.src)]
         dst = self.dst.get(job.dst)
@@ -4248,8 +4354,8 @@ def _add_transfer_options(parser):
                         default=sys.stderr.isatty(),
                         help='show pv progress (default: when stderr is a terminal)')
     parser.add_argument('--lock-dir', metavar='DIR',
-                        help='where the per-dataset locks live (default: '
-                             '/run/lock/planb-pvesync)')
+                        help='where the per-dataset locks live, a directory of yours '
+                             'with mode 0700 (default: /run/lock/planb-pvesync-UID)')
 
 
 def _add_sync_options(parser, planb=False):

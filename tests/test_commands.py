@@ -1,4 +1,5 @@
 """Command building (pure) and the pipeline runner (real local processes)."""
+import fcntl
 import os
 import signal
 import subprocess
@@ -280,3 +281,60 @@ def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
     assert run.returncode == 128 + signum
     assert out.count('lane stopped') == 2     # two threads print: lines may interleave
     assert processes(session=run.pid) == {}
+
+
+# A run killed with SIGKILL, as PlanB's task timeout kills it: a pipeline in a
+# worker thread, and one in the main thread whose stage shrugs off a SIGTERM
+# until told to go (as a receive still writing what it got would), both with
+# the lock of their dataset.
+KILLED_RUN = '''
+import sys, threading
+import planb_pvesync as p
+
+lock = p.DatasetLock(sys.argv[1], 'tank/enc/x')
+assert lock.acquire(wait=False)
+
+def lane():
+    with p.RUNNING.holding([lock.fd]):
+        p.run_pipeline([p.Stage('tail', ['tail', '-f', '/dev/null']), p.Stage('cat', ['cat'])])
+
+threading.Thread(target=lane).start()
+with p.RUNNING.holding([lock.fd]):
+    p.run_pipeline([p.Stage('slow', ['sh', '-c', 'trap "" TERM; echo started; '
+                                     'while [ ! -e "$0" ]; do sleep 0.1; done', sys.argv[2]])])
+'''
+
+
+def lock_is_free(path):
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def test_a_killed_run_ends_its_stages_and_keeps_the_lock_until_the_last_is_gone(tmp_path):
+    locks, release = tmp_path / 'locks', tmp_path / 'release'
+    locks.mkdir(mode=0o700)
+    run = subprocess.Popen([sys.executable, '-c', KILLED_RUN, str(locks), str(release)],
+                           start_new_session=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 60        # a guard against a hang, no timing
+
+    def wait_for(condition, what):
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    wait_for(lambda: {'tail', 'cat', 'sh'} <= set(processes(session=run.pid).values()),
+             'no stages')
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    wait_for(lambda: not {'tail', 'cat'} & set(processes(session=run.pid).values()),
+             'a stage outlived the run')
+    assert 'sh' in processes(session=run.pid).values()
+    lock = locks / 'tank%enc%x.lock'
+    assert not lock_is_free(lock)       # the shell still holds it
+    release.touch()
+    wait_for(lambda: processes(session=run.pid) == {}, 'a stage outlived the run')
+    assert lock_is_free(lock)

@@ -257,8 +257,9 @@ def test_stale_resume_token_is_aborted(lab):
 
 def test_second_run_skips_a_locked_volume_or_waits(lab):
     src, dst = new_zvol(lab.pve1), new_destination()
-    lock = '/run/lock/planb-pvesync/{}.lock'.format(dst.replace('/', '%'))
-    lab.backup.run('mkdir -p /run/lock/planb-pvesync && touch {0}'.format(shlex.quote(lock)),
+    locks = '/run/lock/planb-pvesync-' + lab.backup.run('id -u', user='planb').stdout.strip()
+    lock = '{}/{}.lock'.format(locks, dst.replace('/', '%'))
+    lab.backup.run('mkdir -p -m 700 {} && touch {}'.format(locks, shlex.quote(lock)),
                    user='planb')
     lab.backup.run('nohup flock {} sleep 8 >/dev/null 2>&1 &'.format(shlex.quote(lock)),
                    user='planb')

@@ -2,6 +2,7 @@
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    CommandError, Dataset, LocalHost, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
+    CommandError, Dataset, DatasetLock, LocalHost, LockError, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
     SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
-    receive_props, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
+    lock_directory, receive_props, recv_args, remote_command, run_pipeline, send_args,
+    transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
@@ -338,3 +340,27 @@ def test_a_killed_run_ends_its_stages_and_keeps_the_lock_until_the_last_is_gone(
     release.touch()
     wait_for(lambda: processes(session=run.pid) == {}, 'a stage outlived the run')
     assert lock_is_free(lock)
+
+
+def test_the_lock_directory_is_the_user_s_own_with_mode_0700(tmp_path):
+    made = lock_directory(str(tmp_path / 'locks'))
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
+    os.chmod(made, 0o755)
+    with pytest.raises(LockError, match=r'may be used by others \(mode 755\), so it cannot '
+                                        r'hold the locks; chmod 700 '):
+        lock_directory(made)
+
+
+def test_a_lock_file_that_is_a_link_is_neither_followed_nor_used(tmp_path):
+    locks = lock_directory(str(tmp_path / 'locks'))
+    victim = tmp_path / 'victim'
+    victim.write_text('keep me\n')
+    lock = DatasetLock(locks, 'tank/enc/x')
+    os.symlink(victim, lock.path)
+    with pytest.raises(LockError, match='is a symbolic link, which a lock never follows'):
+        lock.acquire(wait=False)
+    os.unlink(lock.path)
+    os.link(victim, lock.path)
+    with pytest.raises(LockError, match='is not a plain file of your own'):
+        lock.acquire(wait=False)
+    assert victim.read_text() == 'keep me\n'

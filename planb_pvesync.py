@@ -1445,9 +1445,11 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 # ZFS listing and the sync planner (pure: no I/O, no clock, no logging)
 # ==============================================================================
 
-# Where a backup came from, recorded on it as user properties planb-pvesync:KEY.
+# Where a backup came from, recorded on it as user properties planb-pvesync:KEY;
+# and on a restored volume, the backup and restore point it was made from
+# (restored-from=BACKUP@POINT, which only that restore's receive sets).
 PROPERTY_PREFIX = 'planb-pvesync:'
-RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
+RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source', 'restored-from')
 # Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
 # marks its snapshots (planb-transport, with SyncOptions.owner).
 OWNER_PROPERTY = 'planb:owner'
@@ -2876,8 +2878,33 @@ PVE_VOLUME_NAME = re.compile(r'(vm|base|subvol|basevol)-(\d+)-(.+)')
 # Config keys that PVE writes itself or that belong to the original alone.
 UNCREATABLE_KEYS = frozenset(('digest', 'lock', 'meta', 'parent', 'snaptime', 'snapstate',
                               'pending', 'vmstate', 'runningmachine', 'runningcpu'))
-# LXC keys that only root@pam may set: raw lxc.* lines and device passthrough.
-ROOT_ONLY_KEY = re.compile(r'lxc|dev\d+')
+# What the create call takes besides the config, never taken from a kept one.
+CREATE_PARAMETERS = frozenset((
+    'archive', 'force', 'start', 'pool', 'unique', 'storage', 'bwlimit', 'live-restore',
+    'ha-managed', 'import-working-storage', 'ostemplate', 'restore', 'password',
+    'ssh-public-keys', 'ignore-unpack-errors', 'node', 'vmid'))
+CONFIG_KEY = re.compile(r'[a-z][a-z0-9_-]*')
+# What PVE answers for a secret in a config (cipassword).
+MASKED_VALUE = '**********'
+# The VM config keys a user other than root@pam may set, as qemu-server checks
+# a create call (check_vm_modify_config_perm in PVE/API2/Qemu.pm; the same
+# lists in PVE 8.4 and 9.x): its option lists, and the drives. Any other key
+# (args, hookscript, affinity, hugepages, vmgenid, ...) only root@pam may set;
+# serial, usb and hostpci devices only when not the host's own (qemu_root_only).
+QEMU_USER_KEYS = frozenset('''
+    cores cpu cpulimit cpuunits numa smp sockets vcpus
+    memory balloon shares allow-ksm
+    acpi hotplug kvm machine scsihw smbios1 tablet vga watchdog audio0 rng0
+    agent autostart bios description keyboard localtime migrate_downtime migrate_speed name
+    onboot ostype protection reboot startdate startup tdf template
+    freeze boot bootdisk vmstatestorage
+    cicustom cipassword citype ciuser ciupgrade nameserver searchdomain sshkeys
+    cdrom tags'''.split())
+QEMU_USER_KEY = re.compile(r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|unused\d+|numa\d+|'
+                           r'net\d+|ipconfig\d+|virtiofs\d+')
+# Container keys only root@pam may set (pve-container's check_ct_modify_config_perm):
+# raw lxc.* lines, device passthrough, a hook script; features: see lxc_root_only.
+LXC_ROOT_KEY = re.compile(r'lxc|dev\d+|hookscript')
 MAC_OPTION = re.compile(r'(?:^|(?<=,))(?:hwaddr|macaddr)=[^,]*,?')
 # The container template restore-pve-guest creates containers from: it holds
 # nothing, so the restored root file system stays as it was.
@@ -3073,8 +3100,10 @@ def _volume_restore(key, dataset, storage_id, options, vmid, storages, node):
 def restore_states(volumes: Sequence[VolumeRestore], point: str,
                    existing: Dict[str, Dataset]) -> Dict[str, str]:
     """What each target dataset needs, by name: 'full' (it does not exist),
-    'resume' (a receive was cut off), 'done' (it was restored from this
-    point already) or 'exists' (something else is there)."""
+    'resume' (a receive was cut off), 'done' (this restore made it, from this
+    point, and it is unchanged since) or 'exists' (something else is there:
+    sharing the restore point's snapshot is not enough, a live disk whose
+    source keeps the tool's snapshots does)."""
     states = {}
     for volume in volumes:
         found = existing.get(volume.dataset)
@@ -3086,8 +3115,16 @@ def restore_states(volumes: Sequence[VolumeRestore], point: str,
             states[volume.dataset] = 'resume'
         else:
             newest = [s.guid for s in found.snapshots if not s.bookmark][-1:]
-            states[volume.dataset] = 'done' if newest == [wanted] else 'exists'
+            made_here = found.recorded.get('restored-from') == restore_mark(volume, point)
+            states[volume.dataset] = ('done' if made_here and newest == [wanted]
+                                      and not found.written else 'exists')
     return states
+
+
+def restore_mark(volume: VolumeRestore, point: str) -> str:
+    """What a restore's receive records on the volume it makes
+    (planb-pvesync:restored-from): the backup and the restore point."""
+    return '{}@{}'.format(volume.backup.name, point)
 
 
 def subvolume_props(options: str) -> Dict[str, str]:
@@ -3102,8 +3139,11 @@ def subvolume_props(options: str) -> Dict[str, str]:
 def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[str, str],
                     keep_macs: bool = False) -> Tuple[dict, List[str]]:
     """The config to create the restored guest with, and a note for each thing
-    left out or changed. Volumes get their new names; MAC addresses and the
-    VM generation id are made anew unless `keep_macs`. Pure."""
+    left out or changed. Volumes get their new names; MAC addresses are made
+    anew unless `keep_macs`, the VM generation id always (PVE makes one for a
+    config without it). Only config keys are taken, and of them none that only
+    root@pam may set (root_only: a restore never sets a hook script or raw
+    arguments from a kept config), nor a value PVE showed masked. Pure."""
     kind, config = kept['type'], kept['config']
     volids = {v.key: '{},{}'.format(v.volid, v.options) if v.options else v.volid
               for v in volumes}
@@ -3112,9 +3152,13 @@ def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[
     for key, value in config.items():
         value = str(value)
         source, opts = _split_drive(value)
-        if key in UNCREATABLE_KEYS:
-            continue
-        if key in volids:
+        if key in UNCREATABLE_KEYS or key == 'vmgenid':
+            continue        # vmgenid: PVE makes a new one, so the guest sees it was restored
+        if key in CREATE_PARAMETERS or not CONFIG_KEY.fullmatch(key):
+            notes.append('{}: left out, not a config key'.format(key))
+        elif value == MASKED_VALUE:
+            notes.append('{}: left out, PVE shows it masked; set it anew'.format(key))
+        elif key in volids:
             new[key] = volids[key]
         elif kind == 'qemu' and opts.get('media') == 'cdrom':
             new[key], note = _restored_cdrom(key, source, value)
@@ -3123,20 +3167,40 @@ def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[
             notes.append('{}: {}, left out ({})'.format(key, source, dropped.get(
                 key, 'only root@pam may create a bind mount; add it by hand'
                 if source.startswith('/') else 'not backed up')))
-        elif kind == 'lxc' and ROOT_ONLY_KEY.fullmatch(key):
+        elif root_only(kind, key, value, config):
             notes.append('{}: left out, only root@pam may set it'.format(key))
         elif key == 'template' and value == '1':
             notes.append('restored as a guest, not as a template')
         elif key.startswith('net') and not keep_macs:
             new[key] = _without_mac(kind, value)
-        elif key == 'vmgenid':
-            new[key] = '1'      # the guest sees that it was restored
         else:
             new[key] = value
     _drop_missing_boot_devices(new, config)
     if kind == 'lxc':
         new.setdefault('unprivileged', '0')     # absent means privileged
     return new, notes
+
+
+def root_only(kind: str, key: str, value: str, config: dict) -> bool:
+    """Whether only root@pam may create a guest with this config key (and
+    value), as PVE checks a create call."""
+    if kind == 'lxc':
+        return bool(LXC_ROOT_KEY.fullmatch(key)) or (key == 'features' and (
+            str(config.get('unprivileged')) != '1' or _features(value) != {'nesting'}))
+    device = _split_drive(',' + value)[1]
+    if re.fullmatch(r'serial\d+', key):
+        return value != 'socket'
+    if re.fullmatch(r'usb\d+', key):
+        return 'host' in device and device['host'].lower() != 'spice'
+    if re.fullmatch(r'hostpci\d+', key):
+        return 'mapping' not in device or 'romfile' in device
+    return not (key in QEMU_USER_KEYS or QEMU_USER_KEY.fullmatch(key))
+
+
+def _features(value) -> Set[str]:
+    """The container features switched on: nesting=1,keyctl=1 -> {nesting, keyctl}."""
+    return {name for name, _, on in (item.partition('=') for item in value.split(',') if item)
+            if on not in ('0', '')}
 
 
 def _restored_cdrom(key, source, value):
@@ -3224,7 +3288,29 @@ def restore_privileges(kind: str, vmid: int, config: dict, storages: Collection[
         bridge = re.search(r'(?:^|,)bridge=([^,]+)', value) if key.startswith('net') else None
         if bridge:
             needs['/sdn/zones/localnetwork/' + bridge.group(1)] = {'SDN.Use'}
+        mapping = _mapping_path(key, value)
+        if mapping:
+            needs[mapping] = {'Mapping.Use'}
+    if 'startup' in config:         # it changes how the node boots
+        needs.setdefault('/', set()).add('Sys.Modify')
+    if 'freeze' in config:
+        guest.add('VM.PowerMgmt')
     return needs
+
+
+def _mapping_path(key: str, value: str) -> Optional[str]:
+    """The ACL path of the cluster's resource mapping a VM config key uses."""
+    first, options = value.split(',')[0], _split_drive(',' + value)[1]
+    if re.fullmatch(r'(hostpci|usb)\d+', key) and 'mapping' in options:
+        return '/mapping/{}/{}'.format('pci' if key.startswith('h') else 'usb', options['mapping'])
+    if re.fullmatch(r'virtiofs\d+', key):
+        return '/mapping/dir/' + options.get('dirid', first)
+    if key == 'rng0' and '/dev/hwrng' in (first, options.get('source')):
+        return '/mapping/hwrng'
+    cputype = options.get('cputype', first) if key == 'cpu' else ''
+    if cputype.startswith('custom-'):
+        return '/mapping/cpu/' + cputype[len('custom-'):]
+    return None
 
 
 def check_privileges(api: PveApi, needs: Dict[str, Set[str]]):
@@ -4128,7 +4214,8 @@ def _restore_host(session: Session, cluster: PveCluster, volumes, node: str) -> 
 def _check_targets(host, here, volumes, point, disks_only):
     """(volumes, states): what each target needs (restore_states), before
     anything is sent. A dataset that is there already and is not this restore
-    stops it; with --disks-only the volume takes the next free disk number."""
+    stops it; with --disks-only the volume takes the next disk number that is
+    free or holds this very restore (restore_states), so that it resumes."""
     pools = sorted({v.dataset.rpartition('/')[0] for v in volumes})
     existing = list_datasets(host, pools, depth=2)
     for pool in pools:
@@ -4139,9 +4226,7 @@ def _check_targets(host, here, volumes, point, disks_only):
     for volume in volumes:
         state = _target_state(here, volume, point, existing)
         while state == 'exists' and disks_only:
-            taken = {name.rpartition('/')[2] for name in existing} | {
-                v.volume for v in chosen}
-            name = next_free_name(volume.volume, taken)
+            name = next_free_name(volume.volume, {volume.volume} | {v.volume for v in chosen})
             volume = dataclasses.replace(volume, volume=name, dataset='{}/{}'.format(
                 volume.dataset.rpartition('/')[0], name))
             state = _target_state(here, volume, point, existing)
@@ -4167,8 +4252,10 @@ def _restore_volumes(session, here, plan: GuestRestore) -> List[JobResult]:
     other way: a send here, a resumable receive on the node."""
     args = session.args
     jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=plan.point.name,
-                    receive_props=tuple(sorted(subvolume_props(v.options).items()))
-                    if v.backup.type == 'filesystem' else (),
+                    receive_props=tuple(sorted({
+                        PROPERTY_PREFIX + 'restored-from': restore_mark(v, plan.point.name),
+                        **(subvolume_props(v.options) if v.backup.type == 'filesystem'
+                           else {})}.items())),
                     mount=v.backup.type == 'filesystem',
                     raw=v.backup.encryption_root == v.backup.name)
             for v in plan.volumes if plan.states[v.dataset] != 'done']
@@ -4214,7 +4301,10 @@ def _define_guest(api, args, plan: GuestRestore):
 
 def cmd_mount_restore_point(session: Session) -> int:
     """A restore point's volume readable here, read-only, from a clone: the
-    backup itself is not touched."""
+    backup itself is not touched. Nothing in it runs as another user, nor as
+    a program or a device (nosuid, noexec, nodev; the clone has setuid, exec
+    and devices off), and it is mounted inside PATH, which only the user who
+    mounted it may enter: the guest's owners and modes mean nothing here."""
     args = session.args
     here, root, backup, points = read_guest_backup(session)
     point = choose_restore_point(points, args.at, backup.label)
@@ -4234,23 +4324,39 @@ def cmd_mount_restore_point(session: Session) -> int:
             point.name, volume.name, MOUNTED_AT, clone))
     if parent not in found:
         here.run(here.zfs('create', '-o', 'mountpoint=none', parent))
+    _private_directory(path)
+    inside = os.path.join(path, _volume_keys(backup, points).get(
+        volume.name, volume.name.rsplit('/', 1)[-1]))
     origin = '{}@{}'.format(volume.name, point.name)
+    harmless = ['-o', 'readonly=on', '-o', 'setuid=off', '-o', 'exec=off', '-o', 'devices=off',
+                '-o', '{}={}'.format(MOUNTED_AT, inside)]
     if volume.type == 'filesystem':
-        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'mountpoint=' + path,
-                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        here.run(here.zfs('clone', *harmless, '-o', 'mountpoint=' + inside, origin, clone))
         what = 'its file system'
     else:
-        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'volmode=full',
-                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        here.run(here.zfs('clone', *harmless, '-o', 'volmode=full', origin, clone))
         try:
-            what = _mount_partition(here, clone, path, args.partition, volume.name)
+            what = _mount_partition(here, clone, inside, args.partition, volume.name)
         except BaseException:
             here.run(here.zfs('destroy', clone))
             raise
-    print('mounted {} of {} @{} read-only at {}; when done: planb-pvesync '
-          'unmount-restore-point --sync-zfs-root {} {}'.format(
-              what, volume.name, point.name, path, root, shlex.quote(path)))
+    print('mounted {} of {} @{} read-only at {} (in {}, which only you may enter); when '
+          'done: planb-pvesync unmount-restore-point --sync-zfs-root {} {}'.format(
+              what, volume.name, point.name, inside, path, root, shlex.quote(path)))
     return EXIT_OK
+
+
+def _private_directory(path: str):
+    """`path` as a directory that only this user may enter, made if new."""
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        raise UsageError('{} is not a directory of your own; choose another PATH'.format(path))
+    os.chmod(path, 0o700)
 
 
 def _volume_to_mount(backup, points, point, wanted) -> Dataset:
@@ -4281,7 +4387,8 @@ def _mount_partition(here, clone, path, number, what) -> str:
         time.sleep(0.2)
     partition, fs = choose_partition(partitions(device), number, what)
     os.makedirs(path, exist_ok=True)
-    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs], partition, path])
+    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs] + ',nosuid,nodev,noexec',
+              partition, path])
     number = _partition_number(partition)
     return '{} {}'.format('partition {}'.format(number) if number else 'the disk', fs)
 
@@ -4297,7 +4404,7 @@ def cmd_unmount_restore_point(session: Session) -> int:
         out = ''
     mounted = [line.split('\t') for line in out.splitlines()[1:]]
     path = os.path.abspath(args.path) if args.path else None
-    chosen = [m for m in mounted if args.all or m[2] == path]
+    chosen = [m for m in mounted if args.all or path in (m[2], os.path.dirname(m[2]))]
     if not chosen:
         raise UsageError('no restore point of planb-pvesync is mounted {}; see: zfs list -r '
                          '-o name,{} {}'.format('at ' + path if path else 'here', MOUNTED_AT,
@@ -4312,9 +4419,9 @@ def cmd_unmount_restore_point(session: Session) -> int:
                 raise PvesyncError('{} is in use (a shell in it, an open file): leave it, '
                                    'then run this again'.format(where))
             raise
-        if kind == 'volume':
+        for directory in (where, os.path.dirname(where)):   # the mount's, then PATH
             with contextlib.suppress(OSError):
-                os.rmdir(where)
+                os.rmdir(directory)
         print('unmounted {} (destroyed the clone {})'.format(where, clone))
     return EXIT_OK
 

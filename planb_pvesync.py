@@ -3399,7 +3399,9 @@ def _partition_number(device) -> int:
 # rotates only names of that shape; it takes any other name for a manual one.
 PLANB_SNAPSHOT = re.compile(r'([a-z0-9]([a-z0-9-]*[a-z0-9])?-)?[0-9]{8}T[0-9]{4}Z')
 PLANB_GUID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:-]*')
-PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+')
+# A dataset under PlanB's pool: what ZFS takes, spaces too (PlanB takes any
+# friendly name for a fileset, and ZFS refuses what it cannot take).
+PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.: -]*(/[A-Za-z0-9_.: -]+)+')
 PLANB_ENVIRONMENT = ('planb_guid', 'planb_storage_name', 'planb_snapshot_target')
 # planb:contains=filesystems: PlanB rotates the fileset dataset's children, and
 # sums their sizes, instead of the dataset itself.
@@ -3498,6 +3500,110 @@ def prepare_planb_dataset(host, fileset: PlanbFileset, dry_run: bool):
         host.run(cmd)
         log.info('%s: set %s=filesystems: PlanB rotates its children',
                  fileset.dataset, PLANB_CONTAINS)
+
+
+def planb_pool_problems(host, pool: str) -> List[str]:
+    """What keeps PlanB from making a fileset's dataset in `pool` (its
+    POOLNAME): PlanB mounts each new dataset and then chowns its mountpoint
+    with sudo (planb/storage/zfs.py), so the pool must be a filesystem with a
+    mountpoint, and PlanB's user needs chown in its sudo rule."""
+    try:
+        kind, mountpoint = host.run(host.zfs('get', '-H', '-o', 'value', 'type,mountpoint',
+                                             pool)).splitlines()
+    except CommandError as exc:
+        return ['PlanB\'s pool {}: {}'.format(pool, exc)]
+    problems = []
+    if kind != 'filesystem':
+        problems.append('PlanB\'s pool {} is a {}, not a filesystem'.format(pool, kind))
+    elif not mountpoint.startswith('/'):
+        problems.append(
+            'PlanB\'s pool {0} has mountpoint={1}, but PlanB mounts the dataset of each new '
+            'fileset and chowns its mountpoint; give PlanB a dataset with a mountpoint, for '
+            'example: zfs create -o mountpoint=/srv/backups {0}/planb (and POOLNAME '
+            '{0}/planb)'.format(pool, mountpoint))
+    if host.sudo:
+        try:
+            host.run(host.sudo + ['-l', 'chown'])
+        except CommandError:
+            problems.append('this user may not run chown with sudo, which PlanB does on the '
+                            'mountpoint of each new fileset: add it to the sudo rule')
+    return problems
+
+
+def planb_kept_snapshots(found: Dict[str, Dataset], fileset: PlanbFileset
+                         ) -> Tuple[List[str], List[str]]:
+    """PlanB's "Enqueue + keep" snapshots the fileset's own dataset after the
+    transport has ended (so does an admin's zfs snapshot of it): a restore
+    point that holds no disk. Until the children receive again they are as
+    they were then, so the next run takes the same name on them. Returns
+    (CHILD@NAME to take; a note for each child that cannot take it: one
+    received raw, onto which ZFS would receive the next raw stream only at its
+    base, or one changed since). Only snapshots of the dataset newer than all
+    the children received count: an older one is past mending. Pure."""
+    parent = found.get(fileset.dataset)
+    children = [d for name, d in sorted(found.items())
+                if name.rpartition('/')[0] == fileset.dataset
+                and any(not s.bookmark for s in d.snapshots)]
+    if parent is None or not children:
+        return [], []
+    received = max(s.createtxg for d in children for s in d.snapshots if not s.bookmark)
+    kept = [s.name for s in parent.snapshots if not s.bookmark and s.createtxg > received]
+    specs, notes = [], []
+    for child in children:
+        have = {s.name for s in child.snapshots if not s.bookmark}
+        missing = [name for name in kept if name not in have]
+        why = ('it is received raw, and ZFS receives a raw stream only onto the snapshot it '
+               'starts from' if child.encryption_root == child.name else
+               'it was changed after its newest snapshot' if child.written else None)
+        if missing and why:
+            newest = [s.name for s in child.snapshots if not s.bookmark][-1]
+            notes.append('{} cannot take @{} of {}: {}; restore its @{} instead'.format(
+                child.name, ', @'.join(missing), fileset.dataset, why, newest))
+        elif missing:
+            specs += ['{}@{}'.format(child.name, name) for name in missing]
+    return specs, notes
+
+
+def take_planb_kept_snapshots(host, fileset: PlanbFileset, dry_run: bool):
+    """planb_kept_snapshots, taken in one zfs snapshot (atomic), each with the
+    config kept with the child's newest snapshot, which it equals."""
+    found = list_datasets(host, [fileset.dataset], depth=2)
+    specs, notes = planb_kept_snapshots(found, fileset)
+    for note in notes:
+        log.warning('%s', note)
+    if not specs:
+        return
+    children = sorted({spec.partition('@')[0] for spec in specs})
+    newest = ['{}@{}'.format(child, [s.name for s in found[child].snapshots
+                                     if not s.bookmark][-1]) for child in children]
+    configs = [line for line in host.run(host.zfs(
+        'get', '-H', '-o', 'value', PROPERTY_PREFIX + 'config', *newest)).splitlines()
+        if line not in ('', '-')]
+    cmd = host.zfs('snapshot', *(['-o', '{}config={}'.format(PROPERTY_PREFIX, configs[0])]
+                                 if configs else []), *specs)
+    if dry_run:
+        print('would run here: ' + shlex.join(cmd))
+        return
+    host.run(cmd)
+    print('{}: took {} on its disks, as PlanB took it of the dataset alone'.format(
+        fileset.dataset, ', '.join(sorted({'@' + s.partition('@')[2] for s in specs}))))
+
+
+def planb_rotates(host, volume: str, snapshot: str) -> bool:
+    """Whether PlanB's rotation will destroy `volume`@`snapshot`: a child of a
+    fileset (PLANB_CONTAINS), a snapshot named as PlanB names a run's, and not
+    one PlanB keeps ("Enqueue + keep" takes it of the fileset's dataset too)."""
+    if not PLANB_SNAPSHOT.fullmatch(snapshot):
+        return False
+    fileset = volume.rpartition('/')[0]
+    try:
+        contains = host.run(host.zfs('get', '-H', '-o', 'value', PLANB_CONTAINS, fileset))
+    except CommandError:
+        return False
+    if contains.strip() != 'filesystems':
+        return False
+    found = list_datasets(host, [fileset]).get(fileset)
+    return not any(s.name == snapshot for s in (found.snapshots if found else ()))
 
 
 def nothing_to_back_up(guest: PveGuest) -> Optional[str]:
@@ -3790,6 +3896,10 @@ def cmd_list_planb_filesets(session: Session) -> int:
     config = ([] if args.config == DEFAULT_CONFIG else
               ['-f', os.path.abspath(os.path.expanduser(args.config))])
     command = ['planb-pvesync', *config, '-p', cluster.name, 'planb-transport']
+    if args.sync_zfs_root:
+        problems = planb_pool_problems(LocalHost(), session.zfs_root())
+        if problems:
+            raise UsageError('; '.join(problems))
     _print_listing(args, planb_fileset_rows(cluster, guests, command), format_planb_filesets)
     return EXIT_OK
 
@@ -3818,6 +3928,7 @@ def cmd_planb_transport(session: Session) -> int:
                        session.volume_host(cluster, guest, volume), config)
             for volume in guest.volumes if volume.skip is None]
     prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
+    take_planb_kept_snapshots(LocalHost(), fileset, args.dry_run)
     freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
     return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
 
@@ -4316,6 +4427,10 @@ def cmd_mount_restore_point(session: Session) -> int:
     if volume.type == 'volume' and os.geteuid() != 0:
         raise UsageError('mounting a partition of a VM disk needs root (mount): run it as '
                          'root, for example with sudo')
+    if planb_rotates(here, volume.name, point.name):
+        log.warning('PlanB rotates @%s: while it is mounted its rotation cannot destroy it (a '
+                    'clone depends on it), and that run reads as failed in PlanB, though its '
+                    'backup is made; unmount it as soon as you are done', point.name)
     clone = restore_clone_name(root, backup, volume, point.name)
     parent = clone.rpartition('/')[0]
     found = list_datasets(here, [parent, clone])

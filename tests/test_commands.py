@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    CommandError, Dataset, DatasetLock, LocalHost, LockError, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
-    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
-    lock_directory, receive_props, recv_args, remote_command, run_pipeline, send_args,
-    transfer_programs)
+    CommandError, Dataset, DatasetLock, LocalHost, LockError, MissingPrograms, ResumeStep,
+    SendStep, Snapshot, SshHost, SshSettings, Stage, SyncJob, TransferOptions, build_transfer,
+    ending_with_tool, lock_directory, pipeline_text, receive_props, recv_args, remote_command,
+    run_pipeline, send_args, transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
@@ -364,3 +364,10 @@ def test_a_lock_file_that_is_a_link_is_neither_followed_nor_used(tmp_path):
     with pytest.raises(LockError, match='is not a plain file of your own'):
         lock.acquire(wait=False)
     assert victim.read_text() == 'keep me\n'
+
+
+def test_a_stage_ends_with_the_tool_and_sudo_passes_the_signal_on():
+    assert ending_with_tool(['zstd', '-d']) == ['setpriv', '--pdeathsig', 'TERM', '--',
+                                                'zstd', '-d']
+    assert ending_with_tool(['sudo', '-n', 'zfs', 'recv', 'x'])[4:] == [
+        'timeout', '--foreground', '0', 'sudo', '-n', 'zfs', 'recv', 'x']

@@ -3,6 +3,7 @@ naming the restored volumes, rewriting the kept config, the privileges asked."""
 import dataclasses
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -365,3 +366,13 @@ def test_the_one_partition_with_a_file_system_is_mounted():
 def test_partitions_that_cannot_be_mounted(number, message):
     with pytest.raises(UsageError, match=message):
         choose_partition([(DISK + '-part1', 'LVM2_member')], number, 'x')
+
+
+def test_the_restore_user_of_the_lab_has_exactly_the_readme_s_role():
+    """The lab restores as restore@pve: its privileges are the role README.rst
+    gives, neither more nor less, so the restore tests meet what that role
+    meets on a real cluster."""
+    readme = (Path(__file__).parent.parent / 'README.rst').read_text()
+    role = re.search(r'pveum role add PlanbRestore -privs "([^"]*)"', readme).group(1)
+    user = next(u for u in FIXTURE['users'] if u['userid'] == 'restore@pve')
+    assert set(user['privileges']) == set(role.replace('\\', ' ').split())

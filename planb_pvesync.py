@@ -408,8 +408,8 @@ def _parse_ssh(where, items) -> SshSettings:
     fields = {}
     if 'ssh_port' in items:
         fields['port'] = _parse_int(where, 'ssh_port', items['ssh_port'])
-    if 'ssh_key' in items:
-        fields['key'] = os.path.expanduser(items['ssh_key'])
+    if 'ssh_key' in items:     # absolute: ssh runs in / (RunningProcesses.popen)
+        fields['key'] = os.path.abspath(os.path.expanduser(items['ssh_key']))
     if 'ssh_cipher' in items:
         fields['ciphers'] = items['ssh_cipher'].strip()
     if 'ssh_options' in items:
@@ -1151,7 +1151,10 @@ class RunningProcesses:
         try:
             if shutil.which(argv[0]) is None:     # as Popen would say, not setpriv
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
-            proc = subprocess.Popen(ending_with_tool(argv), pass_fds=self.held(), **kwargs)
+            # In /: the working directory may be PlanB's mount, which PlanB
+            # unmounts after the run; an idle ssh master outlives a kill.
+            proc = subprocess.Popen(ending_with_tool(argv), pass_fds=self.held(), cwd='/',
+                                    **kwargs)
             with self._lock:
                 self._procs.add(proc)
                 if self.stopped_by:

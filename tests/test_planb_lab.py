@@ -42,8 +42,10 @@ SUDO_CHOWN = '/etc/sudoers.d/planb-chown'
 # backup as planb: the worker's PATH, HOME, PWD, SHELL and USER plus PlanB's
 # own variables, the command split by shlex and run without a shell, in
 # data/. With stop_after, it sends a signal to the command (to it alone, not
-# its children) once pv passed that many bytes on: mid-transfer; SIGTERM as
-# PlanB's queue stops, or SIGKILL as its task timeout kills (the kill in
+# its children) once the decompressor here has passed that many bytes on to
+# pv, whose rate limit holds the rest back: mid-transfer. (pv's own counters
+# in /proc/PID/io stay 0: it splices.) The signal: SIGTERM as PlanB's queue
+# stops, or SIGKILL as its task timeout kills (the kill in
 # common/subprocess2.py). After a SIGKILL it watches the receive the tool
 # left until it ends: `overlaps` counts the times the lock of `locked` was
 # free while a zfs recv still ran (the lock is tried first, so a free lock
@@ -58,15 +60,17 @@ os.chdir(env['planb_storage_destination'])
 proc = subprocess.Popen(shlex.split(spec['command']), env=env,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-def written_by_pv():
-    for pid in filter(str.isdigit, os.listdir('/proc')):
+def passed_on():
+    # The command's children, thread by thread (a few files: a scan of all of
+    # /proc takes seconds in a busy emulated VM, longer than a transfer).
+    for task in os.listdir('/proc/%d/task' % proc.pid) if proc.poll() is None else ():
         try:
-            with open('/proc/%s/stat' % pid) as stat:
-                fields = stat.read().rsplit(')', 1)[1].split()
-            with open('/proc/%s/comm' % pid) as comm:
-                if comm.read().strip() == 'pv' and int(fields[1]) == proc.pid:
-                    with open('/proc/%s/io' % pid) as io:
-                        return int(re.search(r'wchar: (\d+)', io.read()).group(1))
+            with open('/proc/%d/task/%s/children' % (proc.pid, task)) as pids:
+                for pid in pids.read().split():
+                    with open('/proc/%s/comm' % pid) as comm:
+                        if comm.read().strip() == 'zstd':
+                            with open('/proc/%s/io' % pid) as io:
+                                return int(re.search(r'wchar: (\d+)', io.read()).group(1))
         except OSError:
             continue
     return 0
@@ -91,7 +95,7 @@ def lock_is_free(path):
 
 watched = dict(samples=0, overlaps=0)
 if spec.get('stop_after'):
-    while proc.poll() is None and written_by_pv() < spec['stop_after']:
+    while proc.poll() is None and passed_on() < spec['stop_after']:
         time.sleep(0.1)
     proc.send_signal(spec.get('signal', signal.SIGTERM))
     while spec.get('locked'):
@@ -259,7 +263,8 @@ def assert_ends(host, pattern):
 
 def mounted_in(fileset):
     """What is mounted at the fileset's mountpoint or below it."""
-    mounts = fileset.host.run('findmnt -rn -o TARGET').stdout.split()
+    raw = fileset.host.run('findmnt -rn -o TARGET').stdout.split()
+    mounts = [line.replace(r'\x20', ' ') for line in raw]     # how -r writes a space
     return [m for m in mounts if (m + '/').startswith(fileset.mountpoint + '/')]
 
 

@@ -16,6 +16,7 @@ import configparser
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import functools
 import gzip
@@ -429,8 +430,8 @@ def _parse_ssh(where, items) -> SshSettings:
     fields = {}
     if 'ssh_port' in items:
         fields['port'] = _parse_int(where, 'ssh_port', items['ssh_port'])
-    if 'ssh_key' in items:
-        fields['key'] = os.path.expanduser(items['ssh_key'])
+    if 'ssh_key' in items:     # absolute: ssh runs in / (RunningProcesses.popen)
+        fields['key'] = os.path.abspath(os.path.expanduser(items['ssh_key']))
     if 'ssh_cipher' in items:
         fields['ciphers'] = items['ssh_cipher'].strip()
     if 'ssh_options' in items:
@@ -1125,32 +1126,81 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+@functools.lru_cache(maxsize=None)
+def _parent_death_programs() -> bool:
+    have = all(shutil.which(name) for name in ('setpriv', 'timeout'))
+    if not have:
+        log.info('no setpriv or timeout here: a stage may outlive the tool when it is killed')
+    return have
+
+
+def ending_with_tool(argv: Sequence[str]) -> List[str]:
+    """`argv` as a stage that gets SIGTERM when the tool ends, however it
+    ends: setpriv sets the parent-death signal, which the kernel sends when
+    the thread that started the stage is gone (each waits for its stages).
+    The signal does not survive the exec of a setuid program, so sudo runs
+    under timeout, which never times out (0) but passes the signal on to
+    sudo, and sudo on to its command: a receive keeps what it got (recv -s),
+    as when the tool stops it itself. A stage on another host ends when its
+    ssh does."""
+    if not _parent_death_programs():
+        return list(argv)
+    guard = ['timeout', '--foreground', '0'] if argv[0] == 'sudo' else []
+    return ['setpriv', '--pdeathsig', 'TERM', '--', *guard, *argv]
+
+
 class RunningProcesses:
     """The processes of every running pipeline, in all threads, so that a
     stop signal ends them all at once: a Ctrl-C at a terminal reaches them by
-    itself, a SIGTERM to the tool alone does not."""
+    itself, a SIGTERM to the tool alone does not.
+
+    Whatever ends the tool, even a SIGKILL (PlanB's task timeout, the OOM
+    killer), its stages end with it: each runs with a parent-death signal
+    (ending_with_tool), and inherits the locks of the datasets its thread
+    works on (holding), so that no later run overlaps a stage still alive."""
 
     def __init__(self):
         # Reentrant: the signal handler runs in the main thread, which may
         # hold the lock when the signal arrives.
         self._lock = threading.RLock()
         self._procs = set()
-        self._starting = threading.local()
+        self._thread = threading.local()    # .starting, .held
         self.stopped_by = None      # the first stop signal's number
 
     def popen(self, argv, **kwargs) -> subprocess.Popen:
         """subprocess.Popen, tracked until discard(). A stop signal that
         arrives meanwhile ends the new process too; check() then raises."""
-        self._starting.now = True
+        self._thread.starting = True
         try:
-            proc = subprocess.Popen(argv, **kwargs)
+            if shutil.which(argv[0]) is None:     # as Popen would say, not setpriv
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+            # In /: the working directory may be PlanB's mount, which PlanB
+            # unmounts after the run; an idle ssh master outlives a kill.
+            proc = subprocess.Popen(ending_with_tool(argv), pass_fds=self.held(), cwd='/',
+                                    **kwargs)
             with self._lock:
                 self._procs.add(proc)
                 if self.stopped_by:
                     proc.terminate()
         finally:
-            self._starting.now = False
+            self._thread.starting = False
         return proc
+
+    @contextlib.contextmanager
+    def holding(self, fds: Sequence[int]):
+        """Every process this thread starts meanwhile inherits `fds` (the
+        locks of the datasets it works on): an flock lasts as long as any
+        process holds it open. sudo keeps them open in its own process, which
+        lives as long as its command, and closes them for the command."""
+        before = self.held()
+        self._thread.held = before + tuple(fds)
+        try:
+            yield
+        finally:
+            self._thread.held = before
+
+    def held(self) -> Tuple[int, ...]:
+        return getattr(self._thread, 'held', ())
 
     def discard(self, procs):
         with self._lock:
@@ -1171,7 +1221,7 @@ class RunningProcesses:
             self.stopped_by = self.stopped_by or signum
             for proc in self._procs:
                 (proc.terminate if first else proc.kill)()
-        if first and not getattr(self._starting, 'now', False):
+        if first and not getattr(self._thread, 'starting', False):
             raise Stopped(signum)
 
 
@@ -1485,9 +1535,11 @@ def remote_command(cmds: Sequence[Sequence[str]]) -> str:
 # ZFS listing and the sync planner (pure: no I/O, no clock, no logging)
 # ==============================================================================
 
-# Where a backup came from, recorded on it as user properties planb-pvesync:KEY.
+# Where a backup came from, recorded on it as user properties planb-pvesync:KEY;
+# and on a restored volume, the backup and restore point it was made from
+# (restored-from=BACKUP@POINT, which only that restore's receive sets).
 PROPERTY_PREFIX = 'planb-pvesync:'
-RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
+RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source', 'restored-from')
 # Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
 # marks its snapshots (planb-transport, with SyncOptions.owner).
 OWNER_PROPERTY = 'planb:owner'
@@ -2175,14 +2227,32 @@ def needs_snapshot(sources: Sequence[Dataset], reuse_age: int, now: float) -> bo
 
 class DatasetLock:
     """An flock per destination dataset, so that overlapping runs never
-    receive into the same dataset at once."""
+    receive into the same dataset at once. The stages of the dataset's
+    commands inherit it (RUNNING.holding): a run killed mid-transfer leaves
+    it held until the last of them has ended."""
 
     def __init__(self, lock_dir: str, dataset: str):
+        self.dataset = dataset
         self.path = os.path.join(lock_dir, dataset.replace('/', '%') + '.lock')
-        self._fd = None
+        self.fd = None
 
     def acquire(self, wait: bool) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        """False when another run holds it (and not `wait`). The file is
+        opened without following a symbolic link, and used only when it is
+        a plain file of this user's with no other name."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LockError('{} is a symbolic link, which a lock never follows; '
+                                'remove it'.format(self.path))
+            raise LockError('{}: cannot open it: {}'.format(self.path, exc.strerror))
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid() \
+                or found.st_nlink != 1:
+            os.close(fd)
+            raise LockError('{} is not a plain file of your own (a hard link, or '
+                            "another user's); remove it".format(self.path))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -2190,32 +2260,61 @@ class DatasetLock:
             return False
         os.ftruncate(fd, 0)
         os.write(fd, '{}\n'.format(os.getpid()).encode())
-        self._fd = fd
+        self.fd = fd
         return True
 
     def holder(self) -> str:
         try:
-            with open(self.path) as fp:
-                return 'pid ' + (fp.read().strip() or '?')
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as fp:
+                return 'pid ' + (fp.read(20).strip() or '?')
         except OSError:
             return 'another process'
 
     def release(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def default_lock_dir() -> str:
-    for base in ('/run/lock', tempfile.gettempdir()):
-        path = os.path.join(base, 'planb-pvesync')
+class LockError(PvesyncError):
+    """A lock file or its directory is not safe to use; nothing was done
+    to the volumes it guards."""
+    exit_code = EXIT_CANNOT_START
+
+
+def lock_directory(wanted: Optional[str]) -> str:
+    """Where the locks live: `wanted` (--lock-dir), else this user's own
+    /run/lock/planb-pvesync-UID (in the temporary directory where there is
+    no /run/lock), made with mode 0700. Only a directory of this user's that
+    no one else may enter is used: another user could plant a link in it."""
+    uid = os.geteuid()
+    if wanted:
+        candidates = [os.path.abspath(wanted)]
+    else:
+        candidates = [os.path.join(base, 'planb-pvesync-{}'.format(uid))
+                      for base in ('/run/lock', tempfile.gettempdir()) if os.path.isdir(base)]
+    for path in candidates:
         try:
-            os.makedirs(path, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if wanted:
+                raise LockError('--lock-dir {}: cannot make it: {}'.format(path, exc.strerror))
             continue
-    raise PvesyncError('no writable lock directory; pass --lock-dir')
+        found = os.lstat(path)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != uid:
+            raise LockError('{} is not a directory of your own (uid {}), so it cannot hold '
+                            'the locks; remove it, or name another with --lock-dir'.format(
+                                path, uid))
+        if found.st_mode & 0o077:
+            raise LockError('{} may be used by others (mode {:o}), so it cannot hold the '
+                            'locks; chmod 700 {}'.format(
+                                path, stat.S_IMODE(found.st_mode), shlex.quote(path)))
+        return path
+    raise LockError('no directory for the locks: /run/lock and {} are not writable; '
+                    'name one with --lock-dir'.format(tempfile.gettempdir()))
 
 
 class SyncRun:
@@ -2235,10 +2334,12 @@ class SyncRun:
         self.dst = {}               # dataset -> Dataset
         self.upkeep = {}            # dataset -> (source commands, [Snapshot] they destroy)
         self.missing = {}           # host name -> programs a transfer needs that it lacks
+        self.locks = {}             # dataset -> its DatasetLock, while the run holds it
         self._mutex = threading.Lock()  # for self.dst
 
     def run(self) -> List[JobResult]:
         locks = self._lock_all()
+        self.locks = {lock.dataset: lock for lock in locks}
         try:
             active = [j for j in self.jobs if self.results[j.dst].status == 'planned']
             side_by_side(lambda read: read(active), (self._read_sources, self._read_destinations))
@@ -2261,11 +2362,16 @@ class SyncRun:
     def _lock_all(self):
         if self.opts.dry_run:
             return []
-        lock_dir = self.opts.lock_dir or default_lock_dir()
+        lock_dir = lock_directory(self.opts.lock_dir)
         locks = []
         for job in self.jobs:
             lock = DatasetLock(lock_dir, job.dst)
-            if lock.acquire(self.opts.wait):
+            try:
+                acquired = lock.acquire(self.opts.wait)
+            except LockError as exc:
+                self._fail(job, str(exc))
+                continue
+            if acquired:
                 locks.append(lock)
             else:
                 self._fail(job, '{} is syncing it now; skipped (--wait waits '
@@ -2433,6 +2539,11 @@ class SyncRun:
                 pass
 
     def _sync_job(self, job):
+        lock = self.locks.get(job.dst)
+        with RUNNING.holding([lock.fd] if lock else []):
+            self._sync_locked_job(job)
+
+    def _sync_locked_job(self, job):
         result = self.results[job.dst]
         src = self.src[(job.src_host.name, job.src)]
         dst = self.dst.get(job.dst)
@@ -2892,8 +3003,33 @@ PVE_VOLUME_NAME = re.compile(r'(vm|base|subvol|basevol)-(\d+)-(.+)')
 # Config keys that PVE writes itself or that belong to the original alone.
 UNCREATABLE_KEYS = frozenset(('digest', 'lock', 'meta', 'parent', 'snaptime', 'snapstate',
                               'pending', 'vmstate', 'runningmachine', 'runningcpu'))
-# LXC keys that only root@pam may set: raw lxc.* lines and device passthrough.
-ROOT_ONLY_KEY = re.compile(r'lxc|dev\d+')
+# What the create call takes besides the config, never taken from a kept one.
+CREATE_PARAMETERS = frozenset((
+    'archive', 'force', 'start', 'pool', 'unique', 'storage', 'bwlimit', 'live-restore',
+    'ha-managed', 'import-working-storage', 'ostemplate', 'restore', 'password',
+    'ssh-public-keys', 'ignore-unpack-errors', 'node', 'vmid'))
+CONFIG_KEY = re.compile(r'[a-z][a-z0-9_-]*')
+# What PVE answers for a secret in a config (cipassword).
+MASKED_VALUE = '**********'
+# The VM config keys a user other than root@pam may set, as qemu-server checks
+# a create call (check_vm_modify_config_perm in PVE/API2/Qemu.pm; the same
+# lists in PVE 8.4 and 9.x): its option lists, and the drives. Any other key
+# (args, hookscript, affinity, hugepages, vmgenid, ...) only root@pam may set;
+# serial, usb and hostpci devices only when not the host's own (qemu_root_only).
+QEMU_USER_KEYS = frozenset('''
+    cores cpu cpulimit cpuunits numa smp sockets vcpus
+    memory balloon shares allow-ksm
+    acpi hotplug kvm machine scsihw smbios1 tablet vga watchdog audio0 rng0
+    agent autostart bios description keyboard localtime migrate_downtime migrate_speed name
+    onboot ostype protection reboot startdate startup tdf template
+    freeze boot bootdisk vmstatestorage
+    cicustom cipassword citype ciuser ciupgrade nameserver searchdomain sshkeys
+    cdrom tags'''.split())
+QEMU_USER_KEY = re.compile(r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|unused\d+|numa\d+|'
+                           r'net\d+|ipconfig\d+|virtiofs\d+')
+# Container keys only root@pam may set (pve-container's check_ct_modify_config_perm):
+# raw lxc.* lines, device passthrough, a hook script; features: see lxc_root_only.
+LXC_ROOT_KEY = re.compile(r'lxc|dev\d+|hookscript')
 MAC_OPTION = re.compile(r'(?:^|(?<=,))(?:hwaddr|macaddr)=[^,]*,?')
 # The container template restore-pve-guest creates containers from: it holds
 # nothing, so the restored root file system stays as it was.
@@ -3089,8 +3225,10 @@ def _volume_restore(key, dataset, storage_id, options, vmid, storages, node):
 def restore_states(volumes: Sequence[VolumeRestore], point: str,
                    existing: Dict[str, Dataset]) -> Dict[str, str]:
     """What each target dataset needs, by name: 'full' (it does not exist),
-    'resume' (a receive was cut off), 'done' (it was restored from this
-    point already) or 'exists' (something else is there)."""
+    'resume' (a receive was cut off), 'done' (this restore made it, from this
+    point, and it is unchanged since) or 'exists' (something else is there:
+    sharing the restore point's snapshot is not enough, a live disk whose
+    source keeps the tool's snapshots does)."""
     states = {}
     for volume in volumes:
         found = existing.get(volume.dataset)
@@ -3102,8 +3240,16 @@ def restore_states(volumes: Sequence[VolumeRestore], point: str,
             states[volume.dataset] = 'resume'
         else:
             newest = [s.guid for s in found.snapshots if not s.bookmark][-1:]
-            states[volume.dataset] = 'done' if newest == [wanted] else 'exists'
+            made_here = found.recorded.get('restored-from') == restore_mark(volume, point)
+            states[volume.dataset] = ('done' if made_here and newest == [wanted]
+                                      and not found.written else 'exists')
     return states
+
+
+def restore_mark(volume: VolumeRestore, point: str) -> str:
+    """What a restore's receive records on the volume it makes
+    (planb-pvesync:restored-from): the backup and the restore point."""
+    return '{}@{}'.format(volume.backup.name, point)
 
 
 def subvolume_props(options: str) -> Dict[str, str]:
@@ -3118,8 +3264,11 @@ def subvolume_props(options: str) -> Dict[str, str]:
 def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[str, str],
                     keep_macs: bool = False) -> Tuple[dict, List[str]]:
     """The config to create the restored guest with, and a note for each thing
-    left out or changed. Volumes get their new names; MAC addresses and the
-    VM generation id are made anew unless `keep_macs`. Pure."""
+    left out or changed. Volumes get their new names; MAC addresses are made
+    anew unless `keep_macs`, the VM generation id always (PVE makes one for a
+    config without it). Only config keys are taken, and of them none that only
+    root@pam may set (root_only: a restore never sets a hook script or raw
+    arguments from a kept config), nor a value PVE showed masked. Pure."""
     kind, config = kept['type'], kept['config']
     volids = {v.key: '{},{}'.format(v.volid, v.options) if v.options else v.volid
               for v in volumes}
@@ -3128,9 +3277,13 @@ def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[
     for key, value in config.items():
         value = str(value)
         source, opts = _split_drive(value)
-        if key in UNCREATABLE_KEYS:
-            continue
-        if key in volids:
+        if key in UNCREATABLE_KEYS or key == 'vmgenid':
+            continue        # vmgenid: PVE makes a new one, so the guest sees it was restored
+        if key in CREATE_PARAMETERS or not CONFIG_KEY.fullmatch(key):
+            notes.append('{}: left out, not a config key'.format(key))
+        elif value == MASKED_VALUE:
+            notes.append('{}: left out, PVE shows it masked; set it anew'.format(key))
+        elif key in volids:
             new[key] = volids[key]
         elif kind == 'qemu' and opts.get('media') == 'cdrom':
             new[key], note = _restored_cdrom(key, source, value)
@@ -3139,20 +3292,40 @@ def restored_config(kept: dict, volumes: Sequence[VolumeRestore], dropped: Dict[
             notes.append('{}: {}, left out ({})'.format(key, source, dropped.get(
                 key, 'only root@pam may create a bind mount; add it by hand'
                 if source.startswith('/') else 'not backed up')))
-        elif kind == 'lxc' and ROOT_ONLY_KEY.fullmatch(key):
+        elif root_only(kind, key, value, config):
             notes.append('{}: left out, only root@pam may set it'.format(key))
         elif key == 'template' and value == '1':
             notes.append('restored as a guest, not as a template')
         elif key.startswith('net') and not keep_macs:
             new[key] = _without_mac(kind, value)
-        elif key == 'vmgenid':
-            new[key] = '1'      # the guest sees that it was restored
         else:
             new[key] = value
     _drop_missing_boot_devices(new, config)
     if kind == 'lxc':
         new.setdefault('unprivileged', '0')     # absent means privileged
     return new, notes
+
+
+def root_only(kind: str, key: str, value: str, config: dict) -> bool:
+    """Whether only root@pam may create a guest with this config key (and
+    value), as PVE checks a create call."""
+    if kind == 'lxc':
+        return bool(LXC_ROOT_KEY.fullmatch(key)) or (key == 'features' and (
+            str(config.get('unprivileged')) != '1' or _features(value) != {'nesting'}))
+    device = _split_drive(',' + value)[1]
+    if re.fullmatch(r'serial\d+', key):
+        return value != 'socket'
+    if re.fullmatch(r'usb\d+', key):
+        return 'host' in device and device['host'].lower() != 'spice'
+    if re.fullmatch(r'hostpci\d+', key):
+        return 'mapping' not in device or 'romfile' in device
+    return not (key in QEMU_USER_KEYS or QEMU_USER_KEY.fullmatch(key))
+
+
+def _features(value) -> Set[str]:
+    """The container features switched on: nesting=1,keyctl=1 -> {nesting, keyctl}."""
+    return {name for name, _, on in (item.partition('=') for item in value.split(',') if item)
+            if on not in ('0', '')}
 
 
 def _restored_cdrom(key, source, value):
@@ -3240,7 +3413,29 @@ def restore_privileges(kind: str, vmid: int, config: dict, storages: Collection[
         bridge = re.search(r'(?:^|,)bridge=([^,]+)', value) if key.startswith('net') else None
         if bridge:
             needs['/sdn/zones/localnetwork/' + bridge.group(1)] = {'SDN.Use'}
+        mapping = _mapping_path(key, value)
+        if mapping:
+            needs[mapping] = {'Mapping.Use'}
+    if 'startup' in config:         # it changes how the node boots
+        needs.setdefault('/', set()).add('Sys.Modify')
+    if 'freeze' in config:
+        guest.add('VM.PowerMgmt')
     return needs
+
+
+def _mapping_path(key: str, value: str) -> Optional[str]:
+    """The ACL path of the cluster's resource mapping a VM config key uses."""
+    first, options = value.split(',')[0], _split_drive(',' + value)[1]
+    if re.fullmatch(r'(hostpci|usb)\d+', key) and 'mapping' in options:
+        return '/mapping/{}/{}'.format('pci' if key.startswith('h') else 'usb', options['mapping'])
+    if re.fullmatch(r'virtiofs\d+', key):
+        return '/mapping/dir/' + options.get('dirid', first)
+    if key == 'rng0' and '/dev/hwrng' in (first, options.get('source')):
+        return '/mapping/hwrng'
+    cputype = options.get('cputype', first) if key == 'cpu' else ''
+    if cputype.startswith('custom-'):
+        return '/mapping/cpu/' + cputype[len('custom-'):]
+    return None
 
 
 def check_privileges(api: PveApi, needs: Dict[str, Set[str]]):
@@ -3329,7 +3524,9 @@ def _partition_number(device) -> int:
 # rotates only names of that shape; it takes any other name for a manual one.
 PLANB_SNAPSHOT = re.compile(r'([a-z0-9]([a-z0-9-]*[a-z0-9])?-)?[0-9]{8}T[0-9]{4}Z')
 PLANB_GUID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:-]*')
-PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+')
+# A dataset under PlanB's pool: what ZFS takes, spaces too (PlanB takes any
+# friendly name for a fileset, and ZFS refuses what it cannot take).
+PLANB_DATASET = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.: -]*(/[A-Za-z0-9_.: -]+)+')
 PLANB_ENVIRONMENT = ('planb_guid', 'planb_storage_name', 'planb_snapshot_target')
 # planb:contains=filesystems: PlanB rotates the fileset dataset's children, and
 # sums their sizes, instead of the dataset itself.
@@ -3428,6 +3625,110 @@ def prepare_planb_dataset(host, fileset: PlanbFileset, dry_run: bool):
         host.run(cmd)
         log.info('%s: set %s=filesystems: PlanB rotates its children',
                  fileset.dataset, PLANB_CONTAINS)
+
+
+def planb_pool_problems(host, pool: str) -> List[str]:
+    """What keeps PlanB from making a fileset's dataset in `pool` (its
+    POOLNAME): PlanB mounts each new dataset and then chowns its mountpoint
+    with sudo (planb/storage/zfs.py), so the pool must be a filesystem with a
+    mountpoint, and PlanB's user needs chown in its sudo rule."""
+    try:
+        kind, mountpoint = host.run(host.zfs('get', '-H', '-o', 'value', 'type,mountpoint',
+                                             pool)).splitlines()
+    except CommandError as exc:
+        return ['PlanB\'s pool {}: {}'.format(pool, exc)]
+    problems = []
+    if kind != 'filesystem':
+        problems.append('PlanB\'s pool {} is a {}, not a filesystem'.format(pool, kind))
+    elif not mountpoint.startswith('/'):
+        problems.append(
+            'PlanB\'s pool {0} has mountpoint={1}, but PlanB mounts the dataset of each new '
+            'fileset and chowns its mountpoint; give PlanB a dataset with a mountpoint, for '
+            'example: zfs create -o mountpoint=/srv/backups {0}/planb (and POOLNAME '
+            '{0}/planb)'.format(pool, mountpoint))
+    if host.sudo:
+        try:
+            host.run(host.sudo + ['-l', 'chown'])
+        except CommandError:
+            problems.append('this user may not run chown with sudo, which PlanB does on the '
+                            'mountpoint of each new fileset: add it to the sudo rule')
+    return problems
+
+
+def planb_kept_snapshots(found: Dict[str, Dataset], fileset: PlanbFileset
+                         ) -> Tuple[List[str], List[str]]:
+    """PlanB's "Enqueue + keep" snapshots the fileset's own dataset after the
+    transport has ended (so does an admin's zfs snapshot of it): a restore
+    point that holds no disk. Until the children receive again they are as
+    they were then, so the next run takes the same name on them. Returns
+    (CHILD@NAME to take; a note for each child that cannot take it: one
+    received raw, onto which ZFS would receive the next raw stream only at its
+    base, or one changed since). Only snapshots of the dataset newer than all
+    the children received count: an older one is past mending. Pure."""
+    parent = found.get(fileset.dataset)
+    children = [d for name, d in sorted(found.items())
+                if name.rpartition('/')[0] == fileset.dataset
+                and any(not s.bookmark for s in d.snapshots)]
+    if parent is None or not children:
+        return [], []
+    received = max(s.createtxg for d in children for s in d.snapshots if not s.bookmark)
+    kept = [s.name for s in parent.snapshots if not s.bookmark and s.createtxg > received]
+    specs, notes = [], []
+    for child in children:
+        have = {s.name for s in child.snapshots if not s.bookmark}
+        missing = [name for name in kept if name not in have]
+        why = ('it is received raw, and ZFS receives a raw stream only onto the snapshot it '
+               'starts from' if child.encryption_root == child.name else
+               'it was changed after its newest snapshot' if child.written else None)
+        if missing and why:
+            newest = [s.name for s in child.snapshots if not s.bookmark][-1]
+            notes.append('{} cannot take @{} of {}: {}; restore its @{} instead'.format(
+                child.name, ', @'.join(missing), fileset.dataset, why, newest))
+        elif missing:
+            specs += ['{}@{}'.format(child.name, name) for name in missing]
+    return specs, notes
+
+
+def take_planb_kept_snapshots(host, fileset: PlanbFileset, dry_run: bool):
+    """planb_kept_snapshots, taken in one zfs snapshot (atomic), each with the
+    config kept with the child's newest snapshot, which it equals."""
+    found = list_datasets(host, [fileset.dataset], depth=2)
+    specs, notes = planb_kept_snapshots(found, fileset)
+    for note in notes:
+        log.warning('%s', note)
+    if not specs:
+        return
+    children = sorted({spec.partition('@')[0] for spec in specs})
+    newest = ['{}@{}'.format(child, [s.name for s in found[child].snapshots
+                                     if not s.bookmark][-1]) for child in children]
+    configs = [line for line in host.run(host.zfs(
+        'get', '-H', '-o', 'value', PROPERTY_PREFIX + 'config', *newest)).splitlines()
+        if line not in ('', '-')]
+    cmd = host.zfs('snapshot', *(['-o', '{}config={}'.format(PROPERTY_PREFIX, configs[0])]
+                                 if configs else []), *specs)
+    if dry_run:
+        print('would run here: ' + shlex.join(cmd))
+        return
+    host.run(cmd)
+    print('{}: took {} on its disks, as PlanB took it of the dataset alone'.format(
+        fileset.dataset, ', '.join(sorted({'@' + s.partition('@')[2] for s in specs}))))
+
+
+def planb_rotates(host, volume: str, snapshot: str) -> bool:
+    """Whether PlanB's rotation will destroy `volume`@`snapshot`: a child of a
+    fileset (PLANB_CONTAINS), a snapshot named as PlanB names a run's, and not
+    one PlanB keeps ("Enqueue + keep" takes it of the fileset's dataset too)."""
+    if not PLANB_SNAPSHOT.fullmatch(snapshot):
+        return False
+    fileset = volume.rpartition('/')[0]
+    try:
+        contains = host.run(host.zfs('get', '-H', '-o', 'value', PLANB_CONTAINS, fileset))
+    except CommandError:
+        return False
+    if contains.strip() != 'filesystems':
+        return False
+    found = list_datasets(host, [fileset]).get(fileset)
+    return not any(s.name == snapshot for s in (found.snapshots if found else ()))
 
 
 def nothing_to_back_up(guest: PveGuest) -> Optional[str]:
@@ -3720,6 +4021,10 @@ def cmd_list_planb_filesets(session: Session) -> int:
     config = ([] if args.config == DEFAULT_CONFIG else
               ['-f', os.path.abspath(os.path.expanduser(args.config))])
     command = ['planb-pvesync', *config, '-p', cluster.name, 'planb-transport']
+    if args.sync_zfs_root:
+        problems = planb_pool_problems(LocalHost(), session.zfs_root())
+        if problems:
+            raise UsageError('; '.join(problems))
     _print_listing(args, planb_fileset_rows(cluster, guests, command), format_planb_filesets)
     return EXIT_OK
 
@@ -3745,6 +4050,7 @@ def cmd_planb_transport(session: Session) -> int:
                        session.volume_host(cluster, guest, volume), config)
             for volume in guest.volumes if volume.skip is None]
     prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
+    take_planb_kept_snapshots(LocalHost(), fileset, args.dry_run)
     freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
     return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
 
@@ -4141,7 +4447,8 @@ def _restore_host(session: Session, cluster: PveCluster, volumes, node: str) -> 
 def _check_targets(host, here, volumes, point, disks_only):
     """(volumes, states): what each target needs (restore_states), before
     anything is sent. A dataset that is there already and is not this restore
-    stops it; with --disks-only the volume takes the next free disk number."""
+    stops it; with --disks-only the volume takes the next disk number that is
+    free or holds this very restore (restore_states), so that it resumes."""
     pools = sorted({v.dataset.rpartition('/')[0] for v in volumes})
     existing = list_datasets(host, pools, depth=2)
     for pool in pools:
@@ -4152,9 +4459,7 @@ def _check_targets(host, here, volumes, point, disks_only):
     for volume in volumes:
         state = _target_state(here, volume, point, existing)
         while state == 'exists' and disks_only:
-            taken = {name.rpartition('/')[2] for name in existing} | {
-                v.volume for v in chosen}
-            name = next_free_name(volume.volume, taken)
+            name = next_free_name(volume.volume, {volume.volume} | {v.volume for v in chosen})
             volume = dataclasses.replace(volume, volume=name, dataset='{}/{}'.format(
                 volume.dataset.rpartition('/')[0], name))
             state = _target_state(here, volume, point, existing)
@@ -4180,8 +4485,10 @@ def _restore_volumes(session, here, plan: GuestRestore) -> List[JobResult]:
     other way: a send here, a resumable receive on the node."""
     args = session.args
     jobs = [SyncJob(src_host=here, src=v.backup.name, dst=v.dataset, until=plan.point.name,
-                    receive_props=tuple(sorted(subvolume_props(v.options).items()))
-                    if v.backup.type == 'filesystem' else (),
+                    receive_props=tuple(sorted({
+                        PROPERTY_PREFIX + 'restored-from': restore_mark(v, plan.point.name),
+                        **(subvolume_props(v.options) if v.backup.type == 'filesystem'
+                           else {})}.items())),
                     mount=v.backup.type == 'filesystem',
                     raw=v.backup.encryption_root == v.backup.name)
             for v in plan.volumes if plan.states[v.dataset] != 'done']
@@ -4227,7 +4534,10 @@ def _define_guest(api, args, plan: GuestRestore):
 
 def cmd_mount_restore_point(session: Session) -> int:
     """A restore point's volume readable here, read-only, from a clone: the
-    backup itself is not touched."""
+    backup itself is not touched. Nothing in it runs as another user, nor as
+    a program or a device (nosuid, noexec, nodev; the clone has setuid, exec
+    and devices off), and it is mounted inside PATH, which only the user who
+    mounted it may enter: the guest's owners and modes mean nothing here."""
     args = session.args
     here, root, backup, points = read_guest_backup(session)
     point = choose_restore_point(points, args.at, backup.label)
@@ -4239,6 +4549,10 @@ def cmd_mount_restore_point(session: Session) -> int:
     if volume.type == 'volume' and os.geteuid() != 0:
         raise UsageError('mounting a partition of a VM disk needs root (mount): run it as '
                          'root, for example with sudo')
+    if planb_rotates(here, volume.name, point.name):
+        log.warning('PlanB rotates @%s: while it is mounted its rotation cannot destroy it (a '
+                    'clone depends on it), and that run reads as failed in PlanB, though its '
+                    'backup is made; unmount it as soon as you are done', point.name)
     clone = restore_clone_name(root, backup, volume, point.name)
     parent = clone.rpartition('/')[0]
     found = list_datasets(here, [parent, clone])
@@ -4247,23 +4561,39 @@ def cmd_mount_restore_point(session: Session) -> int:
             point.name, volume.name, MOUNTED_AT, clone))
     if parent not in found:
         here.run(here.zfs('create', '-o', 'mountpoint=none', parent))
+    _private_directory(path)
+    inside = os.path.join(path, _volume_keys(backup, points).get(
+        volume.name, volume.name.rsplit('/', 1)[-1]))
     origin = '{}@{}'.format(volume.name, point.name)
+    harmless = ['-o', 'readonly=on', '-o', 'setuid=off', '-o', 'exec=off', '-o', 'devices=off',
+                '-o', '{}={}'.format(MOUNTED_AT, inside)]
     if volume.type == 'filesystem':
-        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'mountpoint=' + path,
-                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        here.run(here.zfs('clone', *harmless, '-o', 'mountpoint=' + inside, origin, clone))
         what = 'its file system'
     else:
-        here.run(here.zfs('clone', '-o', 'readonly=on', '-o', 'volmode=full',
-                          '-o', '{}={}'.format(MOUNTED_AT, path), origin, clone))
+        here.run(here.zfs('clone', *harmless, '-o', 'volmode=full', origin, clone))
         try:
-            what = _mount_partition(here, clone, path, args.partition, volume.name)
+            what = _mount_partition(here, clone, inside, args.partition, volume.name)
         except BaseException:
             here.run(here.zfs('destroy', clone))
             raise
-    print('mounted {} of {} @{} read-only at {}; when done: planb-pvesync '
-          'unmount-restore-point --sync-zfs-root {} {}'.format(
-              what, volume.name, point.name, path, root, shlex.quote(path)))
+    print('mounted {} of {} @{} read-only at {} (in {}, which only you may enter); when '
+          'done: planb-pvesync unmount-restore-point --sync-zfs-root {} {}'.format(
+              what, volume.name, point.name, inside, path, root, shlex.quote(path)))
     return EXIT_OK
+
+
+def _private_directory(path: str):
+    """`path` as a directory that only this user may enter, made if new."""
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        raise UsageError('{} is not a directory of your own; choose another PATH'.format(path))
+    os.chmod(path, 0o700)
 
 
 def _volume_to_mount(backup, points, point, wanted) -> Dataset:
@@ -4294,7 +4624,8 @@ def _mount_partition(here, clone, path, number, what) -> str:
         time.sleep(0.2)
     partition, fs = choose_partition(partitions(device), number, what)
     os.makedirs(path, exist_ok=True)
-    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs], partition, path])
+    here.run(['mount', '-t', fs, '-o', MOUNT_OPTIONS[fs] + ',nosuid,nodev,noexec',
+              partition, path])
     number = _partition_number(partition)
     return '{} {}'.format('partition {}'.format(number) if number else 'the disk', fs)
 
@@ -4310,7 +4641,7 @@ def cmd_unmount_restore_point(session: Session) -> int:
         out = ''
     mounted = [line.split('\t') for line in out.splitlines()[1:]]
     path = os.path.abspath(args.path) if args.path else None
-    chosen = [m for m in mounted if args.all or m[2] == path]
+    chosen = [m for m in mounted if args.all or path in (m[2], os.path.dirname(m[2]))]
     if not chosen:
         raise UsageError('no restore point of planb-pvesync is mounted {}; see: zfs list -r '
                          '-o name,{} {}'.format('at ' + path if path else 'here', MOUNTED_AT,
@@ -4325,9 +4656,9 @@ def cmd_unmount_restore_point(session: Session) -> int:
                 raise PvesyncError('{} is in use (a shell in it, an open file): leave it, '
                                    'then run this again'.format(where))
             raise
-        if kind == 'volume':
+        for directory in (where, os.path.dirname(where)):   # the mount's, then PATH
             with contextlib.suppress(OSError):
-                os.rmdir(where)
+                os.rmdir(directory)
         print('unmounted {} (destroyed the clone {})'.format(where, clone))
     return EXIT_OK
 
@@ -4394,8 +4725,8 @@ def _add_transfer_options(parser):
                         default=sys.stderr.isatty(),
                         help='show pv progress (default: when stderr is a terminal)')
     parser.add_argument('--lock-dir', metavar='DIR',
-                        help='where the per-dataset locks live (default: '
-                             '/run/lock/planb-pvesync)')
+                        help='where the per-dataset locks live, a directory of yours '
+                             'with mode 0700 (default: /run/lock/planb-pvesync-UID)')
 
 
 def _add_sync_options(parser, planb=False):
@@ -4608,7 +4939,8 @@ COMMANDS = {
                                (_add_quiet_option, _add_sync_options, _add_filesystem_arguments)),
     'list-planb-filesets': Command(
         cmd_list_planb_filesets, 'list the guests as PlanB filesets, with their '
-        'transport_command', SELECTION, GUESTS + (_add_json_option,)),
+        'transport_command', SELECTION + ' [--sync-zfs-root POOL]',
+        GUESTS + (_add_root_option, _add_json_option)),
     'planb-transport': Command(
         cmd_planb_transport, "back up one guest as a PlanB fileset's exec transport", 'VMID',
         (_add_config_options, _add_quiet_option, _add_planb_sync_options, _add_jobs_options,

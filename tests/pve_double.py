@@ -568,7 +568,7 @@ def agent_enabled(value) -> bool:
 # What creating a guest needs besides VM.Allocate (qemu-server's and
 # pve-container's check_*_modify_config_perm): a privilege per kind of key.
 CONFIG_PRIVILEGES = (
-    (r'cores|sockets|cpu|cpulimit|cpuunits|vcpus|numa|affinity', 'VM.Config.CPU'),
+    (r'cores|sockets|cpu|cpulimit|cpuunits|vcpus|numa', 'VM.Config.CPU'),
     (r'memory|balloon|shares|swap', 'VM.Config.Memory'),
     (r'net\d+', 'VM.Config.Network'),
     (r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+',
@@ -588,10 +588,60 @@ def config_privilege(key, value) -> str:
     return 'VM.Config.Options'
 
 
-def check_create_privileges(call, config):
+# The VM config keys a create call by a user other than root@pam may carry
+# (qemu-server's check_vm_modify_config_perm, PVE/API2/Qemu.pm): its option
+# lists and the drives; serial, usb and hostpci devices are judged by their
+# value (root_only_device). Any other key: "only root can set '$opt' config".
+QEMU_OPTION_LISTS = '''
+    cores cpu runningcpu cpulimit cpuunits numa smp sockets vcpus
+    memory balloon shares allow-ksm
+    acpi hotplug kvm machine runningmachine scsihw smbios1 tablet vga watchdog audio0 rng0
+    agent autostart bios description keyboard localtime migrate_downtime migrate_speed name
+    onboot ostype protection reboot startdate startup tdf template
+    freeze boot bootdisk vmstatestorage
+    cicustom cipassword citype ciuser ciupgrade nameserver searchdomain sshkeys
+    vmstate running-nets-host-mtu cdrom tags'''.split()
+QEMU_NOT_CHECKED = r'(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|unused\d+|numa\d+|net\d+|' \
+    r'ipconfig\d+|virtiofs\d+|serial\d+|usb\d+|hostpci\d+'
+
+
+def root_only_error(kind, config) -> Optional[ApiError]:
+    """What PVE answers a user other than root@pam who creates a guest with
+    a key only root@pam may set: qemu-server dies (500), pve-container raises
+    a permission exception (403)."""
+    for key, value in sorted(config.items()):
+        value = str(value)
+        options = dict(part.partition('=')[::2] for part in value.split(','))
+        if kind == 'lxc':
+            features = {name for name, on in options.items() if on not in ('0', '')}
+            if re.fullmatch(r'dev\d+', key):
+                return forbidden('configuring device passthrough is only allowed for root@pam')
+            if key == 'hookscript':
+                return forbidden('changing the hookscript is only allowed for root@pam')
+            if key == 'features' and str(config.get('unprivileged', '1')) != '1':
+                return forbidden('changing feature flags for privileged container is only '
+                                 'allowed for root@pam')
+            if key == 'features' and features - {'nesting'}:
+                return forbidden('changing feature flags (except nesting) is only allowed '
+                                 'for root@pam')
+            if re.fullmatch(r'rootfs|mp\d+', key) and value.startswith('/'):
+                return forbidden('mount point type bind is only allowed for root@pam')
+            continue
+        if re.fullmatch(r'serial\d+', key) and value != 'socket' or (
+                re.fullmatch(r'usb\d+', key) and options.get('host', 'spice').lower() != 'spice'):
+            return ApiError(500, "only root can set '{}' config for real devices\n".format(key))
+        if re.fullmatch(r'hostpci\d+', key) and 'mapping' not in options:
+            return ApiError(500, "only root can set '{}' config for non-mapped devices\n"
+                            .format(key))
+        if key not in QEMU_OPTION_LISTS and not re.fullmatch(QEMU_NOT_CHECKED, key):
+            return ApiError(500, "only root can set '{}' config\n".format(key))
+    return None
+
+
+def check_create_privileges(call, config, kind):
     """What PVE checks of a create call: VM.Allocate, a privilege per config
-    key, Datastore.AllocateSpace on each storage a volume is on, SDN.Use on
-    each bridge."""
+    key (and root@pam alone for some), Datastore.AllocateSpace on each storage
+    a volume is on, SDN.Use on each bridge."""
     vmid = call.params['vmid']
     needed = [('/vms/{}'.format(vmid), 'VM.Allocate')]
     needed += [('/vms/{}'.format(vmid), config_privilege(k, v)) for k, v in sorted(config.items())]
@@ -607,6 +657,9 @@ def check_create_privileges(call, config):
     for path, privilege in needed:
         if not call.who.has(privilege):
             raise forbidden('{}, {}'.format(path, privilege))
+    error = root_only_error(kind, config)
+    if error:
+        raise error
 
 
 class Tasks:
@@ -657,7 +710,7 @@ def create_guest(call, kind):
     params, world = call.params, call.world
     node, vmid = params['node'], params['vmid']
     config = {key: value for key, value in params.items() if key not in NOT_CONFIG}
-    check_create_privileges(call, config)
+    check_create_privileges(call, config, kind)
     word = 'VM' if kind == 'qemu' else 'CT'
     if vmid in world.guests:
         raise ApiError(500, '{} {} already exists on node {!r}\n'.format(
@@ -772,7 +825,9 @@ STORAGE_ID = {'type': 'string'}
 QEMU_CREATE = {
     **dict.fromkeys(('name', 'memory', 'boot', 'bootdisk', 'machine', 'agent', 'tags',
                      'vmgenid', 'cpu', 'vga', 'pool', 'scsi[n]', 'virtio[n]', 'sata[n]',
-                     'ide[n]', 'net[n]', 'efidisk0', 'tpmstate0', 'serial[n]'),
+                     'ide[n]', 'net[n]', 'efidisk0', 'tpmstate0', 'serial[n]', 'args',
+                     'hookscript', 'affinity', 'hostpci[n]', 'usb[n]', 'cipassword',
+                     'ciuser', 'ipconfig[n]'),
                     OPTIONAL_STRING),
     **dict.fromkeys(('onboot', 'numa', 'start', 'template', 'protection'), OPTIONAL_BOOLEAN),
     'cores': {'type': 'integer', 'optional': 1, 'minimum': 1},
@@ -800,7 +855,8 @@ LXC_UPDATE = {
 LXC_CREATE = {
     **{key: LXC_UPDATE[key] for key in ('ostype', 'hostname', 'description')},
     **dict.fromkeys(('rootfs', 'mp[n]', 'net[n]', 'tags', 'features', 'nameserver',
-                     'searchdomain', 'timezone', 'startup', 'pool'), OPTIONAL_STRING),
+                     'searchdomain', 'timezone', 'startup', 'pool', 'hookscript', 'dev[n]'),
+                    OPTIONAL_STRING),
     **dict.fromkeys(('unprivileged', 'onboot', 'console', 'protection', 'start', 'template'),
                     OPTIONAL_BOOLEAN),
     'ostemplate': {'type': 'string', 'maxLength': 255},

@@ -1,6 +1,8 @@
 """Command building (pure) and the pipeline runner (real local processes)."""
+import fcntl
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -9,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    CommandError, Dataset, LocalHost, MissingPrograms, NotSetUp, ResumeStep, SendStep, Snapshot,
-    SshHost, SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
-    receive_props, recv_args, remote_command, run_pipeline, send_args, setup_problem,
-    transfer_programs)
+    CommandError, Dataset, DatasetLock, LocalHost, LockError, MissingPrograms, NotSetUp,
+    ResumeStep, SendStep, Snapshot, SshHost, SshSettings, Stage, SyncJob, TransferOptions,
+    build_transfer, ending_with_tool, lock_directory, pipeline_text, receive_props, recv_args,
+    remote_command, run_pipeline, send_args, setup_problem, transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
@@ -325,3 +327,91 @@ def test_a_local_zfs_list_without_zfs_cannot_start(monkeypatch):
     with pytest.raises(NotSetUp) as exc:
         host.run(host.zfs('list', '-H', 'tank'))
     assert exc.value.exit_code == 3 and 'zfs is not installed on this host' in str(exc.value)
+
+
+# A run killed with SIGKILL, as PlanB's task timeout kills it: a pipeline in a
+# worker thread, and one in the main thread whose stage shrugs off a SIGTERM
+# until told to go (as a receive still writing what it got would), both with
+# the lock of their dataset.
+KILLED_RUN = '''
+import sys, threading
+import planb_pvesync as p
+
+lock = p.DatasetLock(sys.argv[1], 'tank/enc/x')
+assert lock.acquire(wait=False)
+
+def lane():
+    with p.RUNNING.holding([lock.fd]):
+        p.run_pipeline([p.Stage('tail', ['tail', '-f', '/dev/null']), p.Stage('cat', ['cat'])])
+
+threading.Thread(target=lane).start()
+with p.RUNNING.holding([lock.fd]):
+    p.run_pipeline([p.Stage('slow', ['sh', '-c', 'trap "" TERM; echo started; '
+                                     'while [ ! -e "$0" ]; do sleep 0.1; done', sys.argv[2]])])
+'''
+
+
+def lock_is_free(path):
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def test_a_killed_run_ends_its_stages_and_keeps_the_lock_until_the_last_is_gone(tmp_path):
+    locks, release = tmp_path / 'locks', tmp_path / 'release'
+    locks.mkdir(mode=0o700)
+    run = subprocess.Popen([sys.executable, '-c', KILLED_RUN, str(locks), str(release)],
+                           start_new_session=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 60        # a guard against a hang, no timing
+
+    def wait_for(condition, what):
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    wait_for(lambda: {'tail', 'cat', 'sh'} <= set(processes(session=run.pid).values()),
+             'no stages')
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    wait_for(lambda: not {'tail', 'cat'} & set(processes(session=run.pid).values()),
+             'a stage outlived the run')
+    assert 'sh' in processes(session=run.pid).values()
+    lock = locks / 'tank%enc%x.lock'
+    assert not lock_is_free(lock)       # the shell still holds it
+    release.touch()
+    wait_for(lambda: processes(session=run.pid) == {}, 'a stage outlived the run')
+    assert lock_is_free(lock)
+
+
+def test_the_lock_directory_is_the_user_s_own_with_mode_0700(tmp_path):
+    made = lock_directory(str(tmp_path / 'locks'))
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
+    os.chmod(made, 0o755)
+    with pytest.raises(LockError, match=r'may be used by others \(mode 755\), so it cannot '
+                                        r'hold the locks; chmod 700 '):
+        lock_directory(made)
+
+
+def test_a_lock_file_that_is_a_link_is_neither_followed_nor_used(tmp_path):
+    locks = lock_directory(str(tmp_path / 'locks'))
+    victim = tmp_path / 'victim'
+    victim.write_text('keep me\n')
+    lock = DatasetLock(locks, 'tank/enc/x')
+    os.symlink(victim, lock.path)
+    with pytest.raises(LockError, match='is a symbolic link, which a lock never follows'):
+        lock.acquire(wait=False)
+    os.unlink(lock.path)
+    os.link(victim, lock.path)
+    with pytest.raises(LockError, match='is not a plain file of your own'):
+        lock.acquire(wait=False)
+    assert victim.read_text() == 'keep me\n'
+
+
+def test_a_stage_ends_with_the_tool_and_sudo_passes_the_signal_on():
+    assert ending_with_tool(['zstd', '-d']) == ['setpriv', '--pdeathsig', 'TERM', '--',
+                                                'zstd', '-d']
+    assert ending_with_tool(['sudo', '-n', 'zfs', 'recv', 'x'])[4:] == [
+        'timeout', '--foreground', '0', 'sudo', '-n', 'zfs', 'recv', 'x']

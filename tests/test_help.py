@@ -30,7 +30,7 @@ TAKES = {
     'status': CONFIG | VERBOSE | SELECTION | {'--sync-zfs-root', '-q', '--json', '--max-age',
                                               '--warn-age', '--prometheus-file'},
     'sync-filesystem': VERBOSE | SYNC | PLANB_DECIDES | {'-q'},
-    'list-planb-filesets': CONFIG | VERBOSE | SELECTION | {'--json'},
+    'list-planb-filesets': CONFIG | VERBOSE | SELECTION | {'--sync-zfs-root', '--json'},
     'planb-transport': CONFIG | VERBOSE | SYNC | JOBS | {'-q', '--fsfreeze'},
     'list-restore-points': CONFIG | VERBOSE | {'-g', '--sync-zfs-root', '--json'},
     'restore-pve-guest': CONFIG | VERBOSE | TRANSFER | {

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from planb_pvesync import (
     Dataset, PLANB_SNAPSHOT, PlanbFileset, PveVolume, Snapshot, SyncOptions, UsageError,
     bookmark_changes, parse_keep_schedule, planb_child, planb_escape, planb_fileset,
-    planb_sync_options, prune_source)
+    planb_kept_snapshots, planb_sync_options, prune_source)
 
 GUID = '1d6f3c4e-5a7b-4c8d-9e0f-123456789abc'
 OTHER = '99999999-5a7b-4c8d-9e0f-123456789abc'
@@ -125,3 +125,43 @@ def test_a_planb_install_drops_only_the_bookmarks_of_its_own_snapshots():
         mine + [theirs, lost] + marks, key=lambda s: (s.createtxg, s.bookmark))))
     assert bookmark_changes(src, mine[2].guid, 'planb', GUID) == (mine[2], marks[:2])
     assert bookmark_changes(src, mine[1].guid, 'planb', GUID) == (None, marks[:1])
+
+
+def volume(name, *snapshots, written=0, root=None):
+    return Dataset(name, 'volume', written=written, encryption_root=root,
+                   snapshots=tuple(Snapshot(n, guid=txg, createtxg=txg) for n, txg in snapshots))
+
+
+def test_the_run_after_an_enqueue_and_keep_takes_its_snapshot_on_the_disks():
+    """PlanB took @keep-... of the fileset's dataset after the run that
+    brought @planb-...0100Z (a later txg); the disks are as they were then."""
+    fileset = planb_fileset(ENV)
+    kept = volume(fileset.dataset, ('keep-20261126T0135Z', 30), ('old-20250101T0000Z', 3))
+    disks = [volume(fileset.dataset + '/d0', ('planb-20261126T0100Z', 20)),
+             volume(fileset.dataset + '/d1', ('planb-20261126T0100Z', 21))]
+    found = {d.name: d for d in [kept, *disks]}
+    assert planb_kept_snapshots(found, fileset) == (
+        [fileset.dataset + '/d0@keep-20261126T0135Z',
+         fileset.dataset + '/d1@keep-20261126T0135Z'], [])
+    # Once the disks received again (or took it), it is past: nothing to take.
+    later = dict(found, **{disks[0].name: volume(disks[0].name, ('planb-20261126T0100Z', 20),
+                                                 ('planb-20261127T0100Z', 40))})
+    assert planb_kept_snapshots(later, fileset) == ([], [])
+    # A raw disk (its own encryption root) or one changed since cannot take it.
+    odd = dict(found, **{disks[0].name: volume(disks[0].name, ('planb-20261126T0100Z', 20),
+                                               root=disks[0].name),
+                         disks[1].name: volume(disks[1].name, ('planb-20261126T0100Z', 21),
+                                               written=4096)})
+    specs, notes = planb_kept_snapshots(odd, fileset)
+    assert specs == [] and len(notes) == 2
+    assert notes[0] == ('{0}/d0 cannot take @keep-20261126T0135Z of {0}: it is received raw, '
+                        'and ZFS receives a raw stream only onto the snapshot it starts from; '
+                        'restore its @planb-20261126T0100Z instead'.format(fileset.dataset))
+    assert 'it was changed after its newest snapshot' in notes[1]
+    # The first run: no disk yet.
+    assert planb_kept_snapshots({kept.name: kept}, fileset) == ([], [])
+
+
+def test_a_planb_dataset_name_may_hold_a_space():
+    assert planb_fileset(dict(ENV, planb_storage_name='tank/planb/demo-my guest')).dataset == \
+        'tank/planb/demo-my guest'

@@ -14,12 +14,14 @@ their snapshots and its datasets at the end.
 import json
 import re
 import shlex
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from lab.cluster import FIXTURE, set_fixture
+from lab.cluster import FIXTURE, set_fixture, tool
+from lab.lab import RemoteCommandError
 from test_planb import planb_reads
 
 pytestmark = pytest.mark.lab
@@ -34,14 +36,22 @@ VM_DISKS = ['rpool/data/vm-400-disk-0', 'rpool/data/vm-400-disk-1']
 VM_CHILDREN = ['local_x2dzfs-vm_x2d400_x2ddisk_x2d0', 'local_x2dzfs-vm_x2d400_x2ddisk_x2d1']
 CT_DISK = 'rpool/data/subvol-401-disk-0'
 RUNNER = '/tmp/planb-exec-transport.py'
+SUDO_CHOWN = '/etc/sudoers.d/planb-chown'
 
 # PlanB's exec transport (planb/transport_exec/models.py), as a script run on
 # backup as planb: the worker's PATH, HOME, PWD, SHELL and USER plus PlanB's
 # own variables, the command split by shlex and run without a shell, in
-# data/. With stop_after, it sends SIGTERM to the command (to it alone, not
-# its children) once pv passed that many bytes on: mid-transfer.
+# data/. With stop_after, it sends a signal to the command (to it alone, not
+# its children) once the decompressor here has passed that many bytes on to
+# pv, whose rate limit holds the rest back: mid-transfer. (pv's own counters
+# in /proc/PID/io stay 0: it splices.) The signal: SIGTERM as PlanB's queue
+# stops, or SIGKILL as its task timeout kills (the kill in
+# common/subprocess2.py). After a SIGKILL it watches the receive the tool
+# left until it ends: `overlaps` counts the times the lock of `locked` was
+# free while a zfs recv still ran (the lock is tried first, so a free lock
+# and a receive seen after it were both so at the same moment).
 EXEC_TRANSPORT = r'''
-import json, os, re, shlex, signal, subprocess, sys, time
+import fcntl, json, os, re, shlex, signal, subprocess, sys, time
 spec = json.load(sys.stdin)
 env = {key: os.environ[key] for key in ('PATH', 'HOME', 'PWD', 'SHELL', 'USER')
        if key in os.environ}
@@ -50,25 +60,53 @@ os.chdir(env['planb_storage_destination'])
 proc = subprocess.Popen(shlex.split(spec['command']), env=env,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-def written_by_pv():
-    for pid in filter(str.isdigit, os.listdir('/proc')):
+def passed_on():
+    # The command's children, thread by thread (a few files: a scan of all of
+    # /proc takes seconds in a busy emulated VM, longer than a transfer).
+    for task in os.listdir('/proc/%d/task' % proc.pid) if proc.poll() is None else ():
         try:
-            with open('/proc/%s/stat' % pid) as stat:
-                fields = stat.read().rsplit(')', 1)[1].split()
-            with open('/proc/%s/comm' % pid) as comm:
-                if comm.read().strip() == 'pv' and int(fields[1]) == proc.pid:
-                    with open('/proc/%s/io' % pid) as io:
-                        return int(re.search(r'wchar: (\d+)', io.read()).group(1))
+            with open('/proc/%d/task/%s/children' % (proc.pid, task)) as pids:
+                for pid in pids.read().split():
+                    with open('/proc/%s/comm' % pid) as comm:
+                        if comm.read().strip() == 'zstd':
+                            with open('/proc/%s/io' % pid) as io:
+                                return int(re.search(r'wchar: (\d+)', io.read()).group(1))
         except OSError:
             continue
     return 0
 
+def receiving():
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/cmdline' % pid, 'rb') as cmdline:
+                if cmdline.read().split(b'\0')[:2] == [b'zfs', b'recv']:
+                    return True
+        except OSError:
+            continue
+    return False
+
+def lock_is_free(path):
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+watched = dict(samples=0, overlaps=0)
 if spec.get('stop_after'):
-    while proc.poll() is None and written_by_pv() < spec['stop_after']:
+    while proc.poll() is None and passed_on() < spec['stop_after']:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(spec.get('signal', signal.SIGTERM))
+    while spec.get('locked'):
+        free = lock_is_free(spec['locked'])
+        if not receiving():
+            break
+        watched['samples'] += 1
+        watched['overlaps'] += free
 out, err = proc.communicate()
-json.dump(dict(code=proc.returncode, stdout=out.decode(), stderr=err.decode()), sys.stdout)
+json.dump(dict(code=proc.returncode, stdout=out.decode(), stderr=err.decode(), **watched),
+          sys.stdout)
 '''
 
 
@@ -91,6 +129,7 @@ class Fileset:
         self.lab, self.host, self.name = lab, lab.backup, name
         self.dataset = '{}/{}-{}'.format(POOL, HOSTGROUP, name)
         self.mountpoint = '{}/{}-{}'.format(MOUNTPOINT, HOSTGROUP, name)
+        self.quoted = shlex.quote(self.dataset)     # a friendly name may hold a space
         self.command = 'planb-pvesync -p {} planb-transport {}'.format(HOSTGROUP, vmid)
         self.keys = keys
 
@@ -102,25 +141,26 @@ class Fileset:
             self.host.run('mkdir -p -m 700 {0} && head -c 32 /dev/urandom > {1} && '
                           'chmod 600 {1}'.format(shlex.quote(str(Path(key).parent)), key))
             options += ' -o encryption=on -o keyformat=raw -o keylocation=file://' + key
-        self.host.zfs('create {} {}'.format(options, self.dataset))
+        self.host.zfs('create {} {}'.format(options, self.quoted))
         self.mount()
-        self.host.run('chown planb ' + self.mountpoint)
-        self.host.run('mkdir -m 700 {}/data'.format(self.mountpoint), user='planb')
+        self.host.run('sudo -n chown planb ' + shlex.quote(self.mountpoint), user='planb')
+        self.host.run('mkdir -m 700 {}/data'.format(shlex.quote(self.mountpoint)), user='planb')
         self.unmount()
 
     def mount(self):
         if self.keys:
-            self.host.run('zfs load-key {} 2>/dev/null; true'.format(self.dataset))
-        self.host.zfs('mount ' + self.dataset)
+            self.host.run('zfs load-key {} 2>/dev/null; true'.format(self.quoted))
+        self.host.zfs('mount ' + self.quoted)
 
     def unmount(self):
-        self.host.zfs('unmount ' + self.dataset)
+        self.host.zfs('unmount ' + self.quoted)
         if self.keys:
-            self.host.zfs('unload-key ' + self.dataset)
+            self.host.zfs('unload-key ' + self.quoted)
 
-    def transport(self, target, extra='', stop_after=None):
-        """The exec transport, with the fileset mounted, as PlanB runs it."""
-        spec = dict(command=self.command + extra, stop_after=stop_after, env=dict(
+    def transport(self, target, extra='', stop_after=None, **stop):
+        """The exec transport, with the fileset mounted, as PlanB runs it;
+        `stop`: signal= and locked= (see EXEC_TRANSPORT)."""
+        spec = dict(command=self.command + extra, stop_after=stop_after, **stop, env=dict(
             planb_guid=GUID, planb_fileset_id='7', planb_fileset_friendly_name=self.name,
             planb_snapshot_target=target, planb_storage_name=self.dataset,
             planb_storage_destination=self.mountpoint + '/data'))
@@ -129,11 +169,20 @@ class Fileset:
 
     def children(self):
         return self.host.zfs('list -H -o name -r -t filesystem,volume ' +
-                             self.dataset).splitlines()[1:]
+                             self.quoted).splitlines()[1:]
 
     def snapshots(self, dataset):
         return [line.split('@')[1] for line in self.host.zfs(
-            'list -H -o name -s createtxg -t snapshot -d 1 ' + dataset).splitlines()]
+            'list -H -o name -s createtxg -t snapshot -d 1 ' + shlex.quote(dataset)
+        ).splitlines()]
+
+    def keep(self, prefix):
+        """PlanB's "Enqueue + keep" after a good run (tasks.py): a snapshot
+        PREFIX-YYYYMMDDTHHMMZ of the fileset's own dataset, made after the
+        transport; returns its name."""
+        name = prefix + planb_name(time.time())[len('planb'):]
+        self.host.zfs('snapshot {}@{}'.format(self.quoted, name))
+        return name
 
     def rotate(self):
         """PlanB's rotation of the children (planb:contains=filesystems), at
@@ -143,7 +192,7 @@ class Fileset:
         for child in self.children():
             own = [s for s in self.snapshots(child) if is_rotated_by_planb(s)]
             for name in sorted(own, key=lambda s: s.rpartition('-')[2])[:-1]:
-                self.host.zfs('destroy {}@{}'.format(child, name))
+                self.host.zfs('destroy ' + shlex.quote('{}@{}'.format(child, name)))
                 destroyed.append('{}@{}'.format(child, name))
         return destroyed
 
@@ -151,11 +200,11 @@ class Fileset:
         """What PlanB records after a run: the dataset's used, and each child's
         referenced at the run's snapshot (0 where that fails), by the name
         PlanB shows for it."""
-        used = int(self.host.zfs('get -H -p -o value used ' + self.dataset))
+        used = int(self.host.zfs('get -H -p -o value used ' + self.quoted))
         listing = {}
         for child in self.children():
-            done = self.host.run('zfs get -H -p -o value referenced {}@{}'.format(
-                child, target), check=False)
+            done = self.host.run('zfs get -H -p -o value referenced ' + shlex.quote(
+                '{}@{}'.format(child, target)), check=False)
             listing[planb_reads(child.rpartition('/')[2])] = (
                 int(done.stdout) if done.returncode == 0 else 0)
         return used, listing
@@ -182,7 +231,11 @@ def planb(demo):
     set_fixture(demo, fixture_with_own_guests())
     demo.backup.zfs('create -o mountpoint={} {}'.format(MOUNTPOINT, POOL))
     demo.backup.run('cat > ' + RUNNER, input=EXEC_TRANSPORT)
+    # PlanB's install (its README): its user may run zfs and chown with sudo.
+    demo.backup.run('echo "planb ALL=(root) NOPASSWD: /bin/chown" > {0} && chmod 440 {0}'
+                    .format(SUDO_CHOWN))
     yield demo
+    demo.backup.run('rm -f ' + SUDO_CHOWN)
     set_fixture(demo, json.loads(FIXTURE.read_text()))
     demo.pve1.run('zfs destroy -r {}; zfs destroy -r {}'.format(*VM_DISKS), check=False)
     demo.pve2.run('zfs destroy -r ' + CT_DISK, check=False)
@@ -210,7 +263,8 @@ def assert_ends(host, pattern):
 
 def mounted_in(fileset):
     """What is mounted at the fileset's mountpoint or below it."""
-    mounts = fileset.host.run('findmnt -rn -o TARGET').stdout.split()
+    raw = fileset.host.run('findmnt -rn -o TARGET').stdout.split()
+    mounts = [line.replace(r'\x20', ' ') for line in raw]     # how -r writes a space
     return [m for m in mounts if (m + '/').startswith(fileset.mountpoint + '/')]
 
 
@@ -306,15 +360,111 @@ def test_sigterm_mid_transfer_then_the_next_run_resumes(vm):
     vm.unmount()
 
 
-def test_container_filesystems_never_mount_in_the_fileset(planb):
-    ct = Fileset(planb, 'planb-ct', 401, keys=False)
-    ct.create()
-    ct.mount()
-    done = ct.transport(planb_name(time.time()))
+def test_sigkill_mid_transfer_as_planbs_timeout_then_the_next_run_resumes(vm):
+    lab, now = vm.lab, time.time()
+    killed, next_run = planb_name(now + 3600), planb_name(now + 2 * 3600)
+    lab.pve1.write_random(VM_DISKS[0], 4)
+    uid = vm.host.run('id -u', user='planb').stdout.strip()
+    child = '{}/{}'.format(vm.dataset, VM_CHILDREN[0])
+    lock = '/run/lock/planb-pvesync-{}/{}.lock'.format(uid, child.replace('/', '%'))
+    vm.mount()
+
+    done = vm.transport(killed, extra=' --bwlimit 256K', stop_after=512 << 10,
+                        signal=signal.SIGKILL, locked=lock)
+    assert done['code'] == -signal.SIGKILL, done
+    assert done['overlaps'] == 0, done      # never a receive without its lock
+    # No stage of the run is left, here or on the node, but the idle ssh
+    # master (its title: "ssh: /tmp/planb-pvesync-ssh-.../... [mux]"), which
+    # goes by itself; what the receive got is kept.
+    assert_ends(vm.host, r'planb_pvesync|zfs recv|zstd|pv -q|setpriv|timeout|ControlPath=')
+    assert_ends(lab.pve1, 'zfs send|zstd')
+    assert vm.host.zfs('get -H -o value receive_resume_token ' + child) != '-'
+
+    done = vm.transport(next_run)
     assert done['code'] == 0, done
+    assert 'resumed a partial receive' in done['stdout']
+    assert synced(lab, vm)
+    vm.unmount()
+
+
+def test_enqueue_and_keep_gives_the_disks_the_kept_snapshot(vm):
+    """PlanB's "Enqueue + keep" snapshots the fileset's own dataset after the
+    run (it holds no disk); the next run takes that name on the disks, which
+    are as they were then, and PlanB keeps it for ever (not its run's name)."""
+    lab, now = vm.lab, time.time()
+    kept_run, after = planb_name(now + 3 * 3600), planb_name(now + 4 * 3600)
+    lab.pve1.write_random(VM_DISKS[1], 1)
+    vm.mount()
+    assert vm.transport(kept_run)['code'] == 0
+    vm.rotate()
+    kept = vm.keep('before-upgrade')
+    vm.unmount()
+    lab.pve1.write_random(VM_DISKS[1], 1)
+    vm.mount()
+    done = vm.transport(after)
+    assert done['code'] == 0, done
+    assert '{}: took @{} on its disks, as PlanB took it of the dataset alone'.format(
+        vm.dataset, kept) in done['stdout']
+    for child in vm.children():
+        assert vm.snapshots(child)[-3:] == [kept_run, kept, after]
+        # @kept holds what @kept_run holds: nothing was written between them.
+        assert vm.host.zfs('get -H -p -o value written {}@{}'.format(child, kept)) == '0'
+    vm.rotate()
+    assert all(kept in vm.snapshots(child) for child in vm.children())
+    points = json.loads(tool(lab, 'list-restore-points', '-g', 'demo-planb-vm',
+                             '--sync-zfs-root', POOL, '--json', check=0).stdout)
+    assert {p['name']: p['config'] for p in points}[kept] is True
+    vm.unmount()
+
+
+def test_a_dataset_name_with_a_space_a_container_and_a_mounted_restore_point(planb):
+    """A fileset whose friendly name has a space; its container filesystem is
+    never mounted in the fileset; a restore point mounted from it holds its
+    snapshot, which PlanB's rotation then cannot destroy: the tool says so
+    when it mounts it, and once unmounted the rotation goes through."""
+    ct = Fileset(planb, 'planb ct', 401, keys=False)
+    ct.create()
     child = ct.dataset + '/local_x2dzfs-subvol_x2d401_x2ddisk_x2d0'
-    assert ct.children() == [child]
-    assert ct.host.zfs('get -H -o value mounted,canmount ' + child) == 'no\nnoauto'
-    assert mounted_in(ct) == [ct.mountpoint]
-    ct.unmount()
+    first, second = planb_name(time.time() - 3600), planb_name(time.time())
+    for target in (first, second):
+        ct.mount()
+        done = ct.transport(target)
+        assert done['code'] == 0, done
+        assert ct.children() == [child]
+        assert ct.host.zfs('get -H -o value mounted,canmount ' + shlex.quote(child)) == \
+            'no\nnoauto'
+        assert mounted_in(ct) == [ct.mountpoint]
+        ct.unmount()
+        planb.pve2.run('head -c 100000 /dev/urandom >> /{}/data.bin'.format(CT_DISK))
     assert mounted_in(ct) == []
+    mount = tool(planb, 'mount-restore-point', '-g', 'demo-planb ct', '--sync-zfs-root', POOL,
+                 '--at', first, '/tmp/planb-ct', check=0)
+    assert mount.stderr == (
+        'planb-pvesync: warning: PlanB rotates @{}: while it is mounted its rotation cannot '
+        'destroy it (a clone depends on it), and that run reads as failed in PlanB, though '
+        'its backup is made; unmount it as soon as you are done\n'.format(first))
+    with pytest.raises(RemoteCommandError, match='has dependent clones'):
+        ct.rotate()
+    tool(planb, 'unmount-restore-point', '--sync-zfs-root', POOL, '/tmp/planb-ct', check=0)
+    assert ct.rotate() == ['{}@{}'.format(child, first)]
+
+
+def test_the_pool_check_names_what_planb_needs(planb):
+    """list-planb-filesets --sync-zfs-root PlanB's POOLNAME checks what PlanB
+    needs to make a fileset's dataset there: a mountpoint, and chown by sudo."""
+    refused = tool(planb, 'list-planb-filesets', '--sync-zfs-root', 'tank/enc', check=2)
+    assert refused.stderr == (
+        "planb-pvesync: error: PlanB's pool tank/enc has mountpoint=none, but PlanB mounts "
+        'the dataset of each new fileset and chowns its mountpoint; give PlanB a dataset with '
+        'a mountpoint, for example: zfs create -o mountpoint=/srv/backups tank/enc/planb (and '
+        'POOLNAME tank/enc/planb)\n')
+    planb.backup.run('mv {0} {0}.off'.format(SUDO_CHOWN))
+    try:
+        refused = tool(planb, 'list-planb-filesets', '--sync-zfs-root', POOL, check=2)
+    finally:
+        planb.backup.run('mv {0}.off {0}'.format(SUDO_CHOWN))
+    assert refused.stderr == (
+        'planb-pvesync: error: this user may not run chown with sudo, which PlanB does on the '
+        'mountpoint of each new fileset: add it to the sudo rule\n')
+    listed = tool(planb, 'list-planb-filesets', '--sync-zfs-root', POOL, '-g', '400', check=0)
+    assert listed.stdout.startswith('demo/planb-vm(vmid=400;2 volume(s);')

@@ -174,7 +174,7 @@ def test_nothing_to_send():
 
 
 def test_parse_zfs_list():
-    def row(*fields, recorded=('-',) * 6, owner='-'):
+    def row(*fields, recorded=('-',) * 7, owner='-'):
         return '\t'.join(fields + recorded + (owner,)) + '\n'
     text = (row('rpool/data/vm-1-disk-0', 'volume', '1', '5', '1700000000', '4096',
                 '8388608', '9000000', 'off', '-', '-', '-', '-')
@@ -185,7 +185,7 @@ def test_parse_zfs_list():
                   '-', '-', '-', '-', '-', '-', '-', '-')
             + row('tank/enc/x', 'filesystem', '2', '9', '1700000000', '0', '0', '0',
                   'aes-256-gcm', 'unavailable', 'tank/enc', '1-ab-cd-ef', '-',
-                  recorded=('demo', 'pve1', '-', '-', '106', '-')))
+                  recorded=('demo', 'pve1', '-', '-', '106', '-', '-')))
     found = parse_zfs_list(text)
     vol = found['rpool/data/vm-1-disk-0']
     assert (vol.type, vol.written, vol.used, vol.encrypted, vol.resume_token) == (

@@ -27,7 +27,7 @@ DEFAULT_FIXTURE = os.path.join(HERE, 'fixtures', 'cluster.json')
 APIDATA = os.environ.get(
     'PVE_APIDATA', os.path.join(os.path.dirname(__file__), 'fixtures', 'pve-apidata.json'))
 PASSWORDS = {'root@pam': 'rootpass', 'planb@pve': 'planbpass',
-             'nosys@pve': 'nosyspass', 'novm@pve': 'novmpass'}
+             'nosys@pve': 'nosyspass', 'novm@pve': 'novmpass', 'restore@pve': 'restorepass'}
 TOKEN_ID, TOKEN_SECRET = 'planb@pve!sync', '8a1a3c52-1b1e-4d4e-9b2e-2f6c2b7d9e10'
 AGENT_106 = '/nodes/pve1/qemu/106/agent/'
 MISSING = "Configuration file 'nodes/{}.conf' does not exist"
@@ -689,3 +689,31 @@ def test_command_line(pve, cert_dir):
     assert ready[2] == ':'.join(re.findall('..', digest))
     assert ready[2] == pve.fingerprint      # the certificate in --cert-dir was reused
     assert returncode == 0
+
+
+@pytest.mark.parametrize('kind, config, answer', [
+    ('qemu', {'vmgenid': '1'}, (500, "only root can set 'vmgenid' config")),
+    ('qemu', {'args': '-cpu host'}, (500, "only root can set 'args' config")),
+    ('qemu', {'serial0': '/dev/ttyS0'}, (500, "only root can set 'serial0' config for real "
+                                              "devices")),
+    ('qemu', {'hostpci0': '0000:01:00.0'}, (500, "only root can set 'hostpci0' config for "
+                                                 "non-mapped devices")),
+    ('lxc', {'hookscript': 'local:snippets/x.pl'},
+     (403, 'Permission check failed (changing the hookscript is only allowed for root@pam)')),
+    ('lxc', {'features': 'nesting=1,keyctl=1'},
+     (403, 'Permission check failed (changing feature flags (except nesting) is only allowed '
+           'for root@pam)')),
+])
+def test_keys_only_root_may_set_are_refused_to_others(own_pve, kind, config, answer):
+    """As qemu-server's and pve-container's create calls answer them."""
+    double, path = own_pve
+    fixture = read_fixture(path)
+    fixture['templates'] = {'pve1/local': ['debian-12.tar.zst']}
+    pve_double.write_fixture(path, fixture)
+    create = dict(vmid=9400, memory=512, **config)
+    if kind == 'lxc':
+        create.update(ostemplate='local:vztmpl/debian-12.tar.zst', unprivileged=1)
+    where = '/nodes/pve1/' + kind
+    refused = login(double, 'restore@pve').post(where, **create)
+    assert (refused.status, refused.reason) == answer
+    assert login(double, 'root@pam').post(where, **create).status == 200

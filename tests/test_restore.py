@@ -3,6 +3,7 @@ naming the restored volumes, rewriting the kept config, the privileges asked."""
 import dataclasses
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from planb_pvesync import (
     Dataset, GuestBackup, PveGuest, PveStorage, Snapshot, UsageError,
     choose_partition, choose_restore_point, empty_template_tarball, find_guest_backup,
     kept_config, next_free_name, parse_kept_config, plan_restore, restore_points,
-    restore_privileges, restore_states, restored_config, restored_volume_name,
+    restore_mark, restore_privileges, restore_states, restored_config, restored_volume_name,
     subvolume_props)
 
 FIXTURE = json.loads((Path(__file__).parent / 'fixtures' / 'cluster.json').read_text())
@@ -192,18 +193,25 @@ def test_a_container_needs_a_storage_for_container_volumes():
 
 def test_restore_states():
     volumes, _ = plan_restore(kept(106), VM, point(VM), 9106, STORAGES, 'pve2')
+    mark = {'restored-from': restore_mark(volumes[0], S2.name)}
+    assert mark == {'restored-from': 'tank/enc/acme-wp/local-zfs--vm-106-disk-0@' + S2.name}
     existing = {
         'rpool/data/vm-9106-disk-0': Dataset('rpool/data/vm-9106-disk-0', 'volume',
-                                             snapshots=(S2,), written=4096),
+                                             snapshots=(S2,), recorded=mark),
         'rpool/data/vm-9106-disk-2': Dataset('rpool/data/vm-9106-disk-2', 'volume',
                                              resume_token='1-abc'),
     }
     assert restore_states(volumes, S2.name, existing) == {
         'rpool/data/vm-9106-disk-0': 'done', 'rpool/data/vm-9106-disk-2': 'resume',
         'rpool/data/vm-9106-disk-3': 'full'}
-    other = {'rpool/data/vm-9106-disk-0': Dataset('rpool/data/vm-9106-disk-0', 'volume',
-                                                  snapshots=(S1,))}
-    assert restore_states(volumes[:1], S2.name, other) == {'rpool/data/vm-9106-disk-0': 'exists'}
+    # Another point; the same snapshot without this restore's mark (a live disk
+    # whose source keeps the tool's snapshots); this restore's, but changed since.
+    for other in (Dataset('rpool/data/vm-9106-disk-0', 'volume', snapshots=(S1,), recorded=mark),
+                  Dataset('rpool/data/vm-9106-disk-0', 'volume', snapshots=(S2,)),
+                  Dataset('rpool/data/vm-9106-disk-0', 'volume', snapshots=(S2,), recorded=mark,
+                          written=4096)):
+        assert restore_states(volumes[:1], S2.name, {other.name: other}) == {
+            'rpool/data/vm-9106-disk-0': 'exists'}
 
 
 # ==============================================================================
@@ -234,8 +242,8 @@ def test_restored_config_keeps_macs_when_asked_and_renews_the_generation_id():
     assert restored_config(vm, [], {}, keep_macs=True)[0]['net0'] == \
         'e1000=BC:24:11:3A:10:07,bridge=vmbr0'
     new, notes = restored_config(vm, [], {})
-    assert (new['net0'], new['net1'], new['vmgenid']) == (
-        'e1000,bridge=vmbr0', 'virtio,bridge=vmbr1', '1')
+    assert (new['net0'], new['net1']) == ('e1000,bridge=vmbr0', 'virtio,bridge=vmbr1')
+    assert 'vmgenid' not in new         # only root@pam may set it; PVE makes a new one
     assert 'lock' not in new and 'meta' not in new
     assert 'bootdisk' not in new        # virtio0 did not come back
     assert new['ide1'] == 'none,media=cdrom'
@@ -267,6 +275,47 @@ def test_a_privileged_container_stays_privileged_and_root_only_keys_are_left_out
                      'lxc: left out, only root@pam may set it',
                      'dev0: left out, only root@pam may set it',
                      'restored as a guest, not as a template']
+
+
+def test_only_config_keys_others_than_root_may_set_come_back():
+    """As qemu-server's check_vm_modify_config_perm judges a create call by a
+    user other than root@pam; and never a create parameter or a masked value."""
+    config = {'name': 'vm', 'args': '-cpu host', 'hookscript': 'local:snippets/x.pl',
+              'affinity': '0-3', 'hugepages': '2', 'vmgenid': 'c2f4e0a1', 'cores': '2',
+              'serial0': 'socket', 'serial1': '/dev/ttyS0', 'usb0': 'host=spice',
+              'usb1': 'host=1234:5678', 'hostpci0': 'mapping=gpu', 'hostpci1': '0000:01:00.0',
+              'cipassword': '**********', 'ciuser': 'admin', 'ipconfig0': 'ip=dhcp',
+              'archive': 'local:backup/x.vma.zst', 'start': '1', 'pool': 'prod',
+              'startup': 'order=1', 'tags': 'a;b', 'Bad.Key': 'x'}
+    vm = {'type': 'qemu', 'vmid': 107, 'node': 'pve2', 'config': config}
+    new, notes = restored_config(vm, [], {})
+    assert new == {'name': 'vm', 'cores': '2', 'serial0': 'socket', 'usb0': 'host=spice',
+                   'hostpci0': 'mapping=gpu', 'ciuser': 'admin', 'ipconfig0': 'ip=dhcp',
+                   'startup': 'order=1', 'tags': 'a;b'}
+    assert notes == [
+        'args: left out, only root@pam may set it',
+        'hookscript: left out, only root@pam may set it',
+        'affinity: left out, only root@pam may set it',
+        'hugepages: left out, only root@pam may set it',
+        'serial1: left out, only root@pam may set it',
+        'usb1: left out, only root@pam may set it',
+        'hostpci1: left out, only root@pam may set it',
+        'cipassword: left out, PVE shows it masked; set it anew',
+        'archive: left out, not a config key', 'start: left out, not a config key',
+        'pool: left out, not a config key', 'Bad.Key: left out, not a config key']
+    needs = restore_privileges('qemu', 9107, new, (), None, start=False)
+    assert needs['/'] == {'Sys.Modify'} and needs['/mapping/pci/gpu'] == {'Mapping.Use'}
+
+
+def test_container_features_other_than_nesting_are_root_s():
+    ct = {'hostname': 'c', 'unprivileged': 1, 'features': 'nesting=1', 'hookscript': 'x'}
+    new, notes = restored_config({'type': 'lxc', 'vmid': 1, 'node': 'n', 'config': ct}, [], {})
+    assert new == {'hostname': 'c', 'unprivileged': '1', 'features': 'nesting=1'}
+    assert notes == ['hookscript: left out, only root@pam may set it']
+    for config in (dict(ct, features='nesting=1,keyctl=1'), dict(ct, unprivileged=0)):
+        new, _ = restored_config({'type': 'lxc', 'vmid': 1, 'node': 'n', 'config': config},
+                                 [], {})
+        assert 'features' not in new
 
 
 def test_subvolume_props_as_pve_makes_them():
@@ -317,3 +366,13 @@ def test_the_one_partition_with_a_file_system_is_mounted():
 def test_partitions_that_cannot_be_mounted(number, message):
     with pytest.raises(UsageError, match=message):
         choose_partition([(DISK + '-part1', 'LVM2_member')], number, 'x')
+
+
+def test_the_restore_user_of_the_lab_has_exactly_the_readme_s_role():
+    """The lab restores as restore@pve: its privileges are the role README.rst
+    gives, neither more nor less, so the restore tests meet what that role
+    meets on a real cluster."""
+    readme = (Path(__file__).parent.parent / 'README.rst').read_text()
+    role = re.search(r'pveum role add PlanbRestore -privs "([^"]*)"', readme).group(1)
+    user = next(u for u in FIXTURE['users'] if u['userid'] == 'restore@pve')
+    assert set(user['privileges']) == set(role.replace('\\', ' ').split())

@@ -24,7 +24,8 @@ VM_DISKS = {'vm-310-disk-0': 16, 'vm-310-disk-1': 1, 'vm-310-disk-3': 6}   # MiB
 VM = {'vmid': 310, 'type': 'qemu', 'node': 'pve1', 'status': 'running', 'config': {
     'name': 'restore-vm', 'boot': 'order=scsi0;net0', 'bios': 'ovmf', 'cores': 1,
     'memory': '512', 'ostype': 'l26', 'scsihw': 'virtio-scsi-single',
-    'vmgenid': '2b5c8f0e-9d7a-4a51-8f7e-0c6f3d2a9b11',
+    'vmgenid': '2b5c8f0e-9d7a-4a51-8f7e-0c6f3d2a9b11', 'args': '-no-hpet',
+    'ciuser': 'admin', 'cipassword': '**********',     # as PVE answers it, masked
     'scsi0': 'local-zfs:vm-310-disk-0,iothread=1,size=16M',
     'efidisk0': 'local-zfs:vm-310-disk-1,efitype=4m,size=1M',
     'scsi1': 'local-zfs:vm-310-disk-3,size=6M',
@@ -36,6 +37,7 @@ CT = {'vmid': 320, 'type': 'lxc', 'node': 'pve2', 'status': 'running', 'config':
     'rootfs': 'local-zfs:subvol-320-disk-0,size=64M',
     'mp0': 'local-zfs:subvol-320-disk-1,mp=/data,backup=1,size=32M',
     'net0': 'name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:03:20,ip=dhcp,type=veth'}}
+SUID_ID = '/rpool/data/subvol-320-disk-0/suid-id'
 # One MBR partition, type Linux, from sector 2048 to the end of a 16 MiB disk.
 MBR = ("import struct,sys; f=open(sys.argv[1],'r+b'); f.seek(446); "
        "f.write(struct.pack('<B3sB3sII',0,bytes(3),0x83,bytes(3),2048,32768-2048)); "
@@ -116,6 +118,8 @@ def restored(demo):
         sh(lab.pve2, 'zfs create rpool/data/{0} && mkdir -p /rpool/data/{0}/etc && echo first '
                      '> /rpool/data/{0}/etc/hello && chown -R 100000:100000 /rpool/data/{0}'
                      .format(disk))
+    # What a guest (or a node that forges its stream) may hold: a setuid-root program.
+    sh(lab.pve2, 'cp /usr/bin/id {0} && chown root:root {0} && chmod 4755 {0}'.format(SUID_ID))
     set_fixture(lab, fixture())
     rc = lab.backup.run('cat ~/.proxmoxrc', user='planb').stdout.replace(
         'planb@pve:planbpass', 'restore@pve:restorepass')
@@ -158,6 +162,10 @@ def test_a_vm_and_a_container_come_back_as_new_guests_on_the_other_node(restored
     ct = restore(lab, '-g', 'restore-ct', '--at', first, '--node', 'pve1', '--vmid', '9320',
                  '--start', check=0)
     assert 'virtio1: local-zfs:vm-310-disk-2, left out (not backed up: backup=0)' in vm.stdout
+    # The restore user has exactly the README's role: what PVE lets only root@pam
+    # set, and a value PVE showed masked, stay out (the double refuses the first).
+    assert 'args: left out, only root@pam may set it' in vm.stdout
+    assert 'cipassword: left out, PVE shows it masked; set it anew' in vm.stdout
     assert re.search(r'^restore-pve-guest: restore-vm \(310\) @{} -> pve2 as qemu 9310: 3 '
                      r'volume\(s\), \S+ \S+ in \S+ s$'.format(first), vm.stdout, re.M)
     assert 'created lxc 9320 (restore-ct) on pve1, started' in ct.stdout
@@ -172,9 +180,9 @@ def test_a_vm_and_a_container_come_back_as_new_guests_on_the_other_node(restored
             '64M' if disk.endswith('0') else '32M', 'posix', 'yes']
     config = dict(VM['config'], scsi0='local-zfs:vm-9310-disk-0,iothread=1,size=16M',
                   efidisk0='local-zfs:vm-9310-disk-1,efitype=4m,size=1M',
-                  scsi1='local-zfs:vm-9310-disk-3,size=6M', net0='virtio,bridge=vmbr0',
-                  vmgenid='1')
-    del config['virtio1']
+                  scsi1='local-zfs:vm-9310-disk-3,size=6M', net0='virtio,bridge=vmbr0')
+    for key in ('virtio1', 'vmgenid', 'args', 'cipassword'):    # PVE makes a new vmgenid
+        del config[key]
     assert double_guest(lab, 9310) == {'vmid': 9310, 'type': 'qemu', 'node': 'pve2',
                                        'status': 'stopped', 'config': config}
     container = double_guest(lab, 9320)
@@ -234,6 +242,25 @@ def test_an_interrupted_restore_resumes(restored):
     assert double_guest(lab, 9313)['config']['scsi1'] == 'local-zfs:vm-9313-disk-3,size=6M'
 
 
+def test_a_disk_back_beside_its_live_guest_takes_the_next_free_number(restored):
+    """--disks-only into the vmid of a guest that still exists: its live disk
+    has the restore point's snapshot too (the source keeps the tool's
+    snapshots), and is no restored disk for that."""
+    lab, first, prints = restored
+    live = {disk: lab.pve1.sha256('/dev/zvol/rpool/data/' + disk) for disk in VM_DISKS}
+    for _ in range(2):      # the second time, it finds what the first restored
+        done = restore(lab, '-g', '310', '--at', first, '--disks-only', '--volume', 'scsi1',
+                       check=0)
+        assert 'restored the disks as local-zfs:vm-310-disk-4; attach them with qm set' in \
+            done.stdout
+    assert 'rpool/data/vm-310-disk-4: restored already' in done.stdout
+    assert lab.pve1.sha256('/dev/zvol/rpool/data/vm-310-disk-4') == prints['vm-310-disk-3']
+    assert {disk: lab.pve1.sha256('/dev/zvol/rpool/data/' + disk) for disk in VM_DISKS} == live
+    assert lab.pve1.zfs('get -H -o value planb-pvesync:restored-from rpool/data/vm-310-disk-4') \
+        == '{}/restore-vm/local-zfs--vm-310-disk-3@{}'.format(ROOT, first)
+    assert double_guest(lab, 310) == VM
+
+
 def until(check, timeout=120):
     deadline = time.monotonic() + timeout
     while not check():
@@ -247,12 +274,25 @@ def test_files_come_back_from_a_mounted_restore_point(restored):
              '--at', first]
     vm = lab.backup.run('planb-pvesync {} -g 310 /mnt/r310'.format(shlex.join(mount)))
     assert 'mounted partition 1 ext4 of {}/restore-vm/local-zfs--vm-310-disk-0 @{} read-only ' \
-           'at /mnt/r310'.format(ROOT, first) in vm.stdout
-    assert lab.backup.run('cat /mnt/r310/hello').stdout == 'first\n'
+           'at /mnt/r310/scsi0 (in /mnt/r310, which only you may enter)'.format(
+               ROOT, first) in vm.stdout
+    assert lab.backup.run('cat /mnt/r310/scsi0/hello').stdout == 'first\n'
     ct = tool(lab, *mount, '-g', '320', '--volume', 'rootfs', '/tmp/r320', check=0)
     assert 'mounted its file system' in ct.stdout
-    assert lab.backup.run('cat /tmp/r320/etc/hello').stdout == 'first\n'
-    assert lab.backup.run('touch /tmp/r320/x', check=False).returncode != 0     # read-only
+    assert lab.backup.run('cat /tmp/r320/rootfs/etc/hello').stdout == 'first\n'
+    assert lab.backup.run('touch /tmp/r320/rootfs/x', check=False).returncode != 0  # read-only
+    # The guest's setuid-root program runs as root for no one: not for the one
+    # who mounted it (noexec, nosuid), and no one else gets to it (0700).
+    suid = '/tmp/r320/rootfs/suid-id'
+    for where in ('/mnt/r310/scsi0', '/tmp/r320/rootfs'):
+        assert {'ro', 'nosuid', 'nodev', 'noexec'} <= set(lab.backup.run(
+            'findmnt -n -o OPTIONS ' + where).stdout.strip().split(','))
+    assert lab.backup.run('stat -c %a:%U /tmp/r320').stdout == '700:planb\n'
+    mine = lab.backup.run(suid + ' -u', user='planb', check=False)
+    others = lab.backup.run('setpriv --reuid nobody --regid nogroup --clear-groups {} -u'
+                            .format(suid), check=False)
+    for done in (mine, others):
+        assert done.returncode != 0 and 'Permission denied' in done.stderr, done
     sync(lab)      # a mounted restore point does not stop the next backup
     tool(lab, 'unmount-restore-point', '--sync-zfs-root', ROOT, '/tmp/r320', check=0)
     lab.backup.run('planb-pvesync unmount-restore-point --sync-zfs-root {} /mnt/r310'.format(ROOT))

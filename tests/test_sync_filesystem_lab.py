@@ -257,8 +257,9 @@ def test_stale_resume_token_is_aborted(lab):
 
 def test_second_run_skips_a_locked_volume_or_waits(lab):
     src, dst = new_zvol(lab.pve1), new_destination()
-    lock = '/run/lock/planb-pvesync/{}.lock'.format(dst.replace('/', '%'))
-    lab.backup.run('mkdir -p /run/lock/planb-pvesync && touch {0}'.format(shlex.quote(lock)),
+    locks = '/run/lock/planb-pvesync-' + lab.backup.run('id -u', user='planb').stdout.strip()
+    lock = '{}/{}.lock'.format(locks, dst.replace('/', '%'))
+    lab.backup.run('mkdir -p -m 700 {} && touch {}'.format(locks, shlex.quote(lock)),
                    user='planb')
     lab.backup.run('nohup flock {} sleep 8 >/dev/null 2>&1 &'.format(shlex.quote(lock)),
                    user='planb')
@@ -270,3 +271,28 @@ def test_second_run_skips_a_locked_volume_or_waits(lab):
     done = tool(lab, 'sync-filesystem', '--wait', 'planb@pve1:' + src, dst, check=0)
     assert '1 synced' in done.stdout
     assert_same_volume(lab, src, dst)
+
+
+def test_a_lock_never_follows_a_link_nor_lives_where_others_may_plant_one(lab):
+    """Another user pre-creates the lock directory with a link to a file of
+    planb's in it; then planb's own directory gets such a link. Neither file
+    is touched, and nothing is received."""
+    src, dst = new_zvol(lab.pve1, mib=1), new_destination()
+    uid = lab.backup.run('id -u', user='planb').stdout.strip()
+    locks, victim = '/run/lock/planb-pvesync-' + uid, '/home/planb/precious'
+    link = '{}/{}.lock'.format(locks, dst.replace('/', '%'))
+    lab.backup.run('echo keep me > {}'.format(victim), user='planb')
+    lab.backup.run('rm -rf {0}; mkdir -m 1777 {0} && chown nobody {0} && ln -s {1} {2}'.format(
+        locks, victim, link))
+    planted = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=3)
+    assert planted.stderr == (
+        'planb-pvesync: error: {} is not a directory of your own (uid {}), so it cannot hold '
+        'the locks; remove it, or name another with --lock-dir\n'.format(locks, uid))
+    lab.backup.run('rm -rf ' + locks)
+    lab.backup.run('mkdir -m 700 {} && ln -s {} {}'.format(locks, victim, link), user='planb')
+    linked = tool(lab, 'sync-filesystem', 'planb@pve1:' + src, dst, check=1)
+    assert '{}: FAILED: {} is a symbolic link, which a lock never follows; remove it'.format(
+        dst, link) in linked.stderr
+    assert lab.backup.run('cat ' + victim).stdout == 'keep me\n'
+    assert lab.backup.run('zfs list ' + dst, check=False).returncode != 0
+    lab.backup.run('rm ' + link)

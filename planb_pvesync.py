@@ -20,6 +20,7 @@ import fcntl
 import functools
 import gzip
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -280,14 +281,14 @@ def load_config(path: str) -> Config:
                           'shows, or name another with -f'.format(
                               path, exc.strerror))
     config = parse_config(text, path)
-    if mode & (stat.S_IRWXG | stat.S_IRWXO) and _holds_secrets(config):
-        log.warning('%s holds a password or token and others can read it; '
-                    'run: chmod 600 %s', path, path)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # It holds a password or token; and whoever may write it chooses
+        # what the tool runs (ssh_options=).
+        raise ConfigError('{}: users other than its owner may read or change it (mode '
+                          '{:04o}), and it holds the API\'s password or token; nothing was '
+                          'done; run: chmod 600 {}'.format(
+                              path, stat.S_IMODE(mode), shlex.quote(filename)))
     return config
-
-
-def _holds_secrets(config: Config) -> bool:
-    return any(c.password or c.token_secret for c in config.clusters.values())
 
 
 def _check_keys(where, items, allowed):
@@ -333,7 +334,8 @@ def _parse_cluster(where, name, items) -> ClusterConfig:
 def parse_api_url(where: str, url: str) -> dict:
     """https://[USER@REALM[:PASSWORD]@]HOST[:PORT] -> dict of ClusterConfig fields."""
     if not url.startswith('https://'):
-        raise ConfigError('{}: api={!r} must start with https://'.format(where, url))
+        raise ConfigError('{}: api={!r} must start with https://'.format(
+            where, _without_password(url)))
     rest = url[len('https://'):].rstrip('/')
     userinfo, at, hostport = rest.rpartition('@')
     fields = {}
@@ -356,6 +358,16 @@ def parse_api_url(where: str, url: str) -> dict:
     host, port = _split_host_port(where, 'api', hostport)
     fields.update(host=host, port=port)
     return fields
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its USER@REALM:PASSWORD@ part as ***."""
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+        scheme, rest = '', url
+    userinfo, at, hostport = rest.rpartition('@')
+    user, colon, _ = userinfo.partition(':')
+    return scheme + sep + (user + colon + '***' if colon else user) + at + hostport
 
 
 def _split_host_port(where, key, hostport, default_port=DEFAULT_API_PORT):
@@ -478,6 +490,43 @@ def _parse_bool(where, key, value):
 # PVE discovery (the only code that talks to the cluster's API)
 # ==============================================================================
 
+# The formats of the names PVE gives (pve-common's JSONSchema: pve-node,
+# pve-vmid, dns-name, pve-storage-id; a zfspool volume as ZFSPoolPlugin names
+# it), and of ZFS's dataset names (a storage's pool, and every name a zfs
+# list answers). What the API or a node says is checked against them before
+# it goes into a path, a command or a listing.
+PVE_NODE = re.compile(r'[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?')
+PVE_VMID = re.compile(r'[1-9][0-9]{2,8}')
+DNS_NAME = re.compile(r'({0}\.)*{0}'.format(PVE_NODE.pattern))
+PVE_STORAGE_ID = re.compile(r'[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]')
+PVE_ZFS_VOLUME = re.compile(r'((base|basevol)-[0-9]+-[^\s/]+/)?'
+                            r'(vm|base|subvol|basevol)-[0-9]+-[^\s/]+')
+ZFS_COMPONENT = re.compile(r'[A-Za-z0-9_.: -]+')
+ZFS_MAX_NAME = 255
+
+
+def is_zfs_name(name: str, marks: str = '') -> bool:
+    """Whether `name` is a dataset name as ZFS allows it (a pool, then its
+    children); with `marks` '@#', also a snapshot's or a bookmark's."""
+    base, mark, short = name, '', ''
+    for char in marks:
+        if char in name:
+            base, mark, short = name.partition(char)
+            break
+    parts = base.split('/') + ([short] if mark else [])
+    return (len(name) <= ZFS_MAX_NAME and base[:1].isascii() and base[:1].isalpha()
+            and all(ZFS_COMPONENT.fullmatch(part) and part not in ('.', '..') for part in parts))
+
+
+def _pve_name(what: str, value, pattern) -> str:
+    """`value` as a string, if PVE could have given it; else a PveError."""
+    text = str(value)
+    if not pattern.fullmatch(text):
+        raise PveError('the API answered {} {!r}, which is no name PVE gives; nothing '
+                       'was done (is that the cluster\'s API?)'.format(what, text))
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class PveNode:
     name: str
@@ -567,16 +616,31 @@ def parse_guest_volumes(guest_type: str, config: dict,
             continue    # an empty drive, a cdrom, a bind mount or a device
         storage = storages.get(storage_id)
         dataset = None
+        skip = _skip_reason(guest_type, key, opts, storage)
         if storage and storage.type == 'zfspool' and storage.pool:
             dataset = '{}/{}'.format(storage.pool, volume.rsplit('/', 1)[-1])
+            if skip is None:
+                _check_zfs_volume(key, storage, volume, dataset)
         volumes.append(PveVolume(
             key=key, storage=storage_id, volume=volume,
-            storage_type=storage.type if storage else None, dataset=dataset,
-            skip=_skip_reason(guest_type, key, opts, storage)))
+            storage_type=storage.type if storage else None, dataset=dataset, skip=skip))
     boot_key = next((k for k in boot_keys if any(v.key == k for v in volumes)), None)
     volumes = [dataclasses.replace(v, boot=True) if v.key == boot_key else v
                for v in volumes]
     return tuple(sorted(volumes, key=lambda v: (not v.boot, _natural_key(v.key))))
+
+
+def _check_zfs_volume(key, storage, volume, dataset):
+    """ValueError unless `volume` on `storage` is named as PVE names the
+    volumes of a zfspool storage, in a pool that ZFS could have."""
+    if not PVE_ZFS_VOLUME.fullmatch(volume):
+        raise ValueError('{} names the volume {!r} on {}, which is no name PVE gives a ZFS '
+                         'volume; no volume of it is backed up'.format(
+                             key, volume, storage.storage))
+    if not is_zfs_name(dataset):
+        raise ValueError('storage {} has the pool {!r}, which is no ZFS dataset name; no '
+                         'volume of it is backed up; check pool= in PVE\'s storage.cfg'.format(
+                             storage.storage, storage.pool))
 
 
 def _split_drive(value):
@@ -965,12 +1029,12 @@ def read_cluster(api: PveApi, name: str) -> PveCluster:
     resources = api.get('cluster/resources')
     storage_cfg = api.get('storage')
     status = api.get('cluster/status')
-    ips = {item['name']: item.get('ip') for item in status if item['type'] == 'node'}
+    ips = {item['name']: _node_ip(item) for item in status if item['type'] == 'node'}
     nodes = {}
     for item in resources:
         if item['type'] == 'node':
-            nodes[item['node']] = PveNode(item['node'], item.get('status') == 'online',
-                                          ips.get(item['node']))
+            node = _pve_name('node name', item['node'], PVE_NODE)
+            nodes[node] = PveNode(node, item.get('status') == 'online', ips.get(node))
     storages = {item['storage']: _parse_storage_entry(item) for item in storage_cfg}
     guests = tuple(sorted(
         (_parse_guest_entry(item) for item in resources
@@ -979,22 +1043,44 @@ def read_cluster(api: PveApi, name: str) -> PveCluster:
     return PveCluster(name, dict(sorted(nodes.items())), storages, guests)
 
 
+def _node_ip(item) -> Optional[str]:
+    """The address /cluster/status gives a node, if it is an IP address."""
+    ip = item.get('ip')
+    if ip is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise PveError('the API answered node {!r} the address {!r}, which is no IP '
+                           'address; nothing was done'.format(item.get('name'), ip))
+    return ip
+
+
 def _parse_storage_entry(item) -> PveStorage:
     nodes = item.get('nodes')
     return PveStorage(
-        storage=item['storage'], type=item['type'],
+        storage=_pve_name('storage', item['storage'], PVE_STORAGE_ID), type=item['type'],
         enabled=not int(item.get('disable', 0)),
         path=item.get('path'), pool=item.get('pool'),
-        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None,
+        nodes=frozenset(_pve_name('node name', n.strip(), PVE_NODE)
+                        for n in nodes.split(',')) if nodes else None,
         content=frozenset(c.strip() for c in item.get('content', '').split(',') if c.strip()))
 
 
 def _parse_guest_entry(item) -> PveGuest:
+    """A guest of /cluster/resources. A name PVE would not give (a DNS name,
+    or 'VM VMID' for a VM without one: no '/', no newline, no '_' of the
+    tool's own _restore) is not used: the guest is listed by its vmid, with a
+    note, and is not backed up."""
+    name, note = item.get('name'), None
+    if name is not None and not (DNS_NAME.fullmatch(name) or name == 'VM {}'.format(item['vmid'])):
+        name, note = None, ('its name {!r} is no name PVE gives (a DNS name), so it is not '
+                            'backed up; is that the cluster\'s API?'.format(name))
     return PveGuest(
-        vmid=int(item['vmid']), type=item['type'], name=item.get('name'),
-        node=item['node'], status=item.get('status', 'unknown'),
+        vmid=int(_pve_name('vmid', item['vmid'], PVE_VMID)), type=item['type'], name=name,
+        node=_pve_name('node name', item['node'], PVE_NODE),
+        status=item.get('status', 'unknown'),
         template=bool(int(item.get('template', 0))), pool=item.get('pool'),
-        tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t))
+        tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t), note=note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1063,6 +1149,8 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
     """The guests with their volumes: one config call per guest, concurrently."""
     def read_one(guest):
         node = cluster.nodes.get(guest.node)
+        if guest.note:
+            return guest
         if node is not None and not node.online:
             return dataclasses.replace(
                 guest, note='node {} is offline'.format(guest.node))
@@ -1075,9 +1163,12 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
                                'calls (migrated or deleted); run again'.format(
                                    guest.vmid, guest.label, guest.node))
             raise
+        try:
+            volumes = parse_guest_volumes(guest.type, config, cluster.storages)
+        except ValueError as exc:
+            return dataclasses.replace(guest, note=str(exc))
         return dataclasses.replace(
-            guest, agent=_agent_enabled(config.get('agent')), config=config,
-            volumes=parse_guest_volumes(guest.type, config, cluster.storages))
+            guest, agent=_agent_enabled(config.get('agent')), config=config, volumes=volumes)
 
     with ThreadPoolExecutor(max_workers=CONFIG_WORKERS) as pool:
         return tuple(pool.map(read_one, guests))
@@ -1408,6 +1499,8 @@ ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
                   'logicalreferenced', 'used', 'encryption', 'keystatus', 'encryptionroot',
                   'receive_resume_token', 'clones',
                   *(PROPERTY_PREFIX + key for key in RECORDED_KEYS), OWNER_PROPERTY)
+# Each type zfs lists, and the mark in the name of one.
+ZFS_TYPES = {'filesystem': '', 'volume': '', 'snapshot': '@', 'bookmark': '#'}
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
 TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
@@ -1451,11 +1544,15 @@ def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
 
 
 def parse_zfs_list(text: str) -> Dict[str, Dataset]:
-    """`zfs list -H -p -o ZFS_LIST_PROPS` output -> datasets by name."""
+    """`zfs list -H -p -o ZFS_LIST_PROPS` output -> datasets by name. A line
+    that ZFS would not print (a node's answer is a stranger's) is a
+    ValueError that names it."""
     fields, points = {}, {}
     for line in text.splitlines():
         row = dict(zip(ZFS_LIST_PROPS, line.split('\t')))
         name = row['name']
+        if not _listed_as_zfs_lists(line, row):
+            raise ValueError('a line that is no zfs list of ZFS\'s: {!r}'.format(line[:200]))
         if row['type'] in ('snapshot', 'bookmark'):
             parent, _, short = re.split(r'([@#])', name, maxsplit=1)
             points.setdefault(parent, []).append(Snapshot(
@@ -1477,6 +1574,17 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
     return {name: Dataset(snapshots=tuple(sorted(
         points.get(name, ()), key=lambda s: (s.createtxg, s.bookmark))), **f)
         for name, f in fields.items()}
+
+
+def _listed_as_zfs_lists(line, row) -> bool:
+    """Whether a line of parse_zfs_list could come from zfs itself: every
+    column, a known type, a name ZFS allows and of that type, numbers."""
+    if line.count('\t') != len(ZFS_LIST_PROPS) - 1 or row['type'] not in ZFS_TYPES:
+        return False
+    name = row['name']
+    mark = next((char for char in '@#' if char in name), '')
+    return (mark == ZFS_TYPES[row['type']] and is_zfs_name(name, '@#')
+            and row['guid'].isdigit() and row['createtxg'].isdigit())
 
 
 def up_to(dataset: Dataset, name: Optional[str]) -> Dataset:
@@ -2005,18 +2113,27 @@ class KeyNotLoaded(PvesyncError):
     exit_code = EXIT_CANNOT_START
 
 
+class BadAnswer(PvesyncError):
+    """A host answered what its zfs would not: nothing of it is used."""
+
+
 def list_datasets(host, names: Sequence[str], depth=1, needs=()) -> Dict[str, Dataset]:
     """One zfs list for all of `names`; the ones that do not exist are left out.
     With `needs`, the same round trip checks for those programs (Host.run)."""
     if not names:
         return {}
     try:
-        return parse_zfs_list(host.run(host.zfs(*zfs_list_args(names, depth)), needs))
+        output = host.run(host.zfs(*zfs_list_args(names, depth)), needs)
     except CommandError as exc:
         lines = [line for line in exc.stderr.splitlines() if line.strip()]
-        if lines and all(MISSING_DATASET.search(line) for line in lines):
-            return parse_zfs_list(exc.stdout)
-        raise
+        if not (lines and all(MISSING_DATASET.search(line) for line in lines)):
+            raise
+        output = exc.stdout
+    try:
+        return parse_zfs_list(output)
+    except ValueError as exc:
+        raise BadAnswer('{}: zfs list answered {}; nothing of its answer is used'.format(
+            host.name, exc))
 
 
 def read_resume_token(host, token: str) -> Optional[Tuple[Optional[str], int]]:
@@ -2160,7 +2277,7 @@ class SyncRun:
         except MissingPrograms as exc:
             self.missing[host.name] = exc.names
             return
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             for job in jobs:
                 self._fail(job, 'cannot list its source: {}'.format(exc))
             return
@@ -3487,6 +3604,12 @@ class Session:
 
     def connect(self) -> Tuple[PveApi, PveCluster]:
         cluster_cfg = self.cluster_config()
+        if not cluster_cfg.verify_ssl:
+            log.warning('[pve:%s] has verify_ssl=no: the API\'s certificate is not checked, so '
+                        'whoever is on the way to %s can take its place and read the %s; pin '
+                        'it with fingerprint= (a run without verify_ssl=no shows the line to '
+                        'write)', cluster_cfg.name, cluster_cfg.host,
+                        'token' if cluster_cfg.token_id else 'password')
         api = PveApi(cluster_cfg)
         return api, read_cluster(api, cluster_cfg.name)
 
@@ -3745,7 +3868,7 @@ def read_sources(jobs: Sequence[SyncJob], notes: Dict[str, str]) -> Dict[str, Da
     def read(host, host_jobs):
         try:
             listed = list_datasets(host, sorted({j.src for j in host_jobs}))
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             notes.update((j.dst, 'source unknown: {}'.format(exc)) for j in host_jobs)
             return
         sources.update((j.dst, listed[j.src]) for j in host_jobs if j.src in listed)

@@ -136,14 +136,27 @@ def test_missing_file(tmp_path):
         load_config(str(tmp_path / 'nope'))
 
 
-def test_readable_secrets_warn(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(planb_pvesync.log, 'propagate', True)   # main() may have cleared it
+@pytest.mark.parametrize('mode', [0o644, 0o640, 0o604, 0o620])
+def test_a_config_others_may_read_or_change_is_refused(tmp_path, mode):
     path = tmp_path / 'rc'
     path.write_text('[pve:c]\napi=https://u@pve:p@h\n')
-    os.chmod(path, 0o644)
-    load_config(str(path))
-    assert 'chmod 600' in caplog.text
-    caplog.clear()
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert str(exc.value) == (
+        '{0}: users other than its owner may read or change it (mode {1:04o}), and it '
+        "holds the API's password or token; nothing was done; run: chmod 600 {0}".format(
+            path, mode))
     os.chmod(path, 0o600)
-    load_config(str(path))
-    assert caplog.text == ''
+    assert load_config(str(path)).clusters['c'].password == 'p'
+
+
+@pytest.mark.parametrize('url', ['http://planb@pve:SECRET@pve1', 'planb@pve:SECRET@pve1',
+                                 'http://planb@pve:SE:CR@ET@pve1:8006',
+                                 'ftp://planb@pve:a://SECRET@pve1'])
+def test_no_message_shows_the_password(url):
+    with pytest.raises(ConfigError) as exc:
+        parse_config('[pve:c]\napi={}\n'.format(url), 'rc')
+    assert 'must start with https://' in str(exc.value)
+    assert 'SECRET' not in str(exc.value) and 'CR' not in str(exc.value)
+    assert ':***@pve1' in str(exc.value)

@@ -1495,6 +1495,14 @@ RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source')
 # Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
 # marks its snapshots (planb-transport, with SyncOptions.owner).
 OWNER_PROPERTY = 'planb:owner'
+# The receipt: when this host received a snapshot (its own clock, UTC, as
+# RECEIPT_TIME), and from which node. This host sets it on each snapshot it
+# receives, right after the receive, and reads only the value it set itself
+# (zfs get -s local): a stream's snapshots may bring values of their own.
+# Retention ages a backup by it, never by a name or creation time a node gave.
+RECEIVED = PROPERTY_PREFIX + 'received'
+RECEIVED_FROM = PROPERTY_PREFIX + 'received-from'
+RECEIPT_TIME = '%Y-%m-%dT%H:%M:%SZ'
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
                   'logicalreferenced', 'used', 'encryption', 'keystatus', 'encryptionroot',
                   'receive_resume_token', 'clones',
@@ -1517,6 +1525,7 @@ class Snapshot:
     bookmark: bool = False
     cloned: bool = False            # a clone depends on it (a mounted restore point)
     owner: Optional[str] = None     # OWNER_PROPERTY; bookmarks have none
+    received: Optional[int] = None  # its receipt (RECEIVED, with_receipts), in epoch seconds
 
     @property
     def ref(self) -> str:
@@ -1605,6 +1614,27 @@ def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
         dataclasses.replace(s, guid=received[s.name])
         if s.guid == 0 and s.name in received else s
         for s in src.snapshots))
+
+
+def parse_receipts(text: str) -> Dict[str, int]:
+    """`zfs get -H -p -s local -o name,value RECEIVED` output -> seconds since
+    the epoch by snapshot (DATASET@NAME); a value that is no RECEIPT_TIME is
+    no receipt."""
+    receipts = {}
+    for line in text.splitlines():
+        name, _, value = line.partition('\t')
+        try:
+            receipts[name] = calendar.timegm(time.strptime(value, RECEIPT_TIME))
+        except ValueError:
+            continue
+    return receipts
+
+
+def with_receipts(dataset: Dataset, receipts: Dict[str, int]) -> Dataset:
+    """`dataset` with the receipt of each of its snapshots (parse_receipts)."""
+    return dataclasses.replace(dataset, snapshots=tuple(
+        dataclasses.replace(s, received=receipts.get(dataset.name + s.ref))
+        if not s.bookmark else s for s in dataset.snapshots))
 
 
 def _int(text):
@@ -1721,6 +1751,11 @@ def _incremental_steps(points, base, newest, intermediates):
                      estimate=_written_between(snapshots, base, newest))]
 
 
+def later_snapshots(dataset: Dataset, snapshot: Snapshot) -> List[Snapshot]:
+    """The snapshots of `dataset` after `snapshot`: what a rollback to it destroys."""
+    return [s for s in dataset.snapshots if not s.bookmark and s.createtxg > snapshot.createtxg]
+
+
 def newest_common_guid(src: Dataset, dst: Optional[Dataset]) -> Optional[int]:
     """The guid of the newest snapshot both sides have: the next run's base."""
     on_dst = {s.guid for s in (dst.snapshots if dst else ()) if not s.bookmark}
@@ -1799,6 +1834,10 @@ KEEP_PERIODS = ('all', 'hourly', 'daily', 'weekly', 'monthly', 'yearly')
 AGE_UNITS = {'y': 365 * 86400, 'm': 30 * 86400, 'w': 7 * 86400, 'd': 86400, 'h': 3600}
 KEEP_RULE_PATTERN = re.compile(r'({}):([1-9][0-9]*)([{}])'.format(
     '|'.join(KEEP_PERIODS), ''.join(AGE_UNITS)))
+# A name snapshot_name() made tells when this host asked for the snapshot;
+# its creation, when the node made it: a freeze, a slow node or a clock a
+# little off keeps them apart by far less than this.
+NAME_TIME_SLACK = 3600
 KEEP_SCHEDULE_HELP = (
     'PERIOD:AGE with PERIOD all, hourly, daily, weekly, monthly or yearly and '
     'AGE like 36h, 14d, 8w, 6m, 2y (e.g. all:2d,daily:2w,weekly:3m,monthly:1y)')
@@ -1859,28 +1898,60 @@ def _format_age(seconds):
 def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now: int,
                    prefix: str, protect: Collection[int] = (),
                    foreign: bool = False) -> List[Snapshot]:
-    """The backup's snapshots to destroy, oldest first: those no rule keeps.
+    """The backup's snapshots to destroy, oldest first: those no rule keeps,
+    each aged as retention_ages says.
 
     Never the newest, a protected one (by guid), one a clone depends on (a
-    mounted restore point) or a bookmark; others' snapshots only with
-    `foreign`, going by their `creation`. Because a period rule keeps
-    the oldest snapshot of each bucket, thinning the survivors again at the same
+    mounted restore point), a bookmark, or one retention_ages does not count;
+    others' snapshots only with `foreign`. Because a period rule keeps the
+    oldest snapshot of each bucket, thinning the survivors again at the same
     `now` destroys nothing."""
     snaps = [s for s in snapshots if not s.bookmark]
     if not snaps:
         return []
     newest = max(snaps, key=lambda s: s.createtxg)
-    times = {}
-    for snap in snaps:
-        when = tool_snapshot_time(snap.name, prefix)
-        if when is None and foreign:
-            when = snap.creation
-        if when is not None:
-            times[snap] = when
+    times, _ = retention_ages(snaps, prefix, foreign)
     kept = _kept_by_rules(times, rules, now)
     doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect
               and not s.cloned]
     return sorted(doomed, key=lambda s: s.createtxg)
+
+
+def retention_ages(snapshots: Sequence[Snapshot], prefix: str, foreign: bool = False
+                   ) -> Tuple[Dict[Snapshot, int], Dict[Snapshot, str]]:
+    """(the time by which retention ages each snapshot it counts; why it
+    counts none of the others that it would: each is kept, and reported).
+
+    A backup is aged by its receipt (RECEIVED), which this host wrote: never
+    by a name or a creation time, which the node chose. One without a receipt
+    that came before the first with one was received before receipts were
+    written, and is aged as it was then: by its name's time, or (another
+    tool's, with `foreign`) its creation. One without a receipt after that is
+    not counted; nor one whose name's time is not when it was made (a name
+    that a node made up). Snapshots of other tools, without `foreign`, are
+    neither counted nor reported."""
+    snaps = [s for s in snapshots if not s.bookmark]
+    recorded = [s.createtxg for s in snaps if s.received is not None]
+    receipts_since = min(recorded, default=None)
+    times, doubtful = {}, {}
+    for snap in snaps:
+        named = tool_snapshot_time(snap.name, prefix)
+        if named is None and not foreign:
+            continue
+        if named is not None and abs(named - snap.creation) > NAME_TIME_SLACK:
+            doubtful[snap] = 'its name says {}, but it was made {}'.format(
+                _utc(named), _utc(snap.creation))
+        elif snap.received is not None:
+            times[snap] = snap.received
+        elif receipts_since is None or snap.createtxg < receipts_since:
+            times[snap] = snap.creation if named is None else named
+        else:
+            doubtful[snap] = 'it has no receipt ({})'.format(RECEIVED)
+    return times, doubtful
+
+
+def _utc(when: int) -> str:
+    return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(when))
 
 
 def _kept_by_rules(times: Dict[Snapshot, int], rules, now) -> Set[Snapshot]:
@@ -1974,6 +2045,25 @@ class TransferOptions:
     bwlimit: Optional[str] = None   # bytes per second, e.g. '20M' (pv -L)
 
 
+# What a receive on the backup host sets, by the type the source's listing
+# announced: a filesystem never mounts (canmount=noauto; and a volume's
+# stream is refused, as canmount does not apply to it); nothing on it could
+# run if it did; a volume's partitions stay hidden from this host (no
+# partition table, LVM or file system of a guest is read here).
+RECEIVE_OVERRIDES = {
+    'filesystem': {'canmount': 'noauto', 'setuid': 'off', 'exec': 'off', 'devices': 'off'},
+    'volume': {'volmode': 'dev'},
+}
+# What it takes from no stream (recv -x: inherited from the backup root, or
+# the default): where to mount and what to share, and reservations of space.
+# A volume's too keep mountpoint: a filesystem's stream sent in its place
+# then lands under the parent's mountpoint=none, and is destroyed at once.
+RECEIVE_EXCLUDES = {
+    'filesystem': ('mountpoint', 'sharenfs', 'sharesmb', 'reservation', 'refreservation'),
+    'volume': ('mountpoint', 'reservation', 'refreservation'),
+}
+
+
 def transfer_commands(opts: TransferOptions, remote: bool) -> Tuple[list, list]:
     """The commands around zfs send and zfs recv, (sending side, receiving
     side): compression where the stream crosses ssh, mbuffer where it lands."""
@@ -1998,12 +2088,15 @@ def send_args(step, src: Dataset, raw: bool) -> List[str]:
     return ['send', *flags, src.name + step.snapshot.ref]
 
 
-def recv_args(dst: str, props: Dict[str, str], mount: bool = False) -> List[str]:
-    """zfs recv: resumable (-s), setting `props`, and not mounted (-u) unless
-    `mount`."""
+def recv_args(dst: str, props: Dict[str, str], mount: bool = False,
+              excludes: Sequence[str] = ()) -> List[str]:
+    """zfs recv: resumable (-s), setting `props`, taking none of `excludes`
+    from the stream, and not mounted (-u) unless `mount`."""
     args = ['recv', '-s'] + ([] if mount else ['-u']) + ['-v']
     for key, value in sorted(props.items()):
         args += ['-o', '{}={}'.format(key, value)]
+    for key in excludes:
+        args += ['-x', key]
     return args + [dst]
 
 
@@ -2051,6 +2144,10 @@ def pipeline_text(stages: Sequence[Stage]) -> str:
 # ==============================================================================
 
 MAX_STEPS = 6       # resume, abort, rollback, full, incremental, and one spare
+# How zfs recv refuses a stream of another type than the options it was
+# given are for (RECEIVE_OVERRIDES), before anything of it lands.
+NOT_ITS_TYPE = re.compile(r"^cannot receive.*: (property '[^']*' does not apply to datasets "
+                          r"of this type)", re.M)
 MISSING_DATASET = re.compile(r"cannot open '[^']*': dataset does not exist")
 
 
@@ -2134,6 +2231,16 @@ def list_datasets(host, names: Sequence[str], depth=1, needs=()) -> Dict[str, Da
     except ValueError as exc:
         raise BadAnswer('{}: zfs list answered {}; nothing of its answer is used'.format(
             host.name, exc))
+
+
+def read_receipts(host, parents: Sequence[str]) -> Dict[str, int]:
+    """The receipts this host set on the snapshots of the children of
+    `parents` (parse_receipts): one zfs get."""
+    if not parents:
+        return {}
+    return parse_receipts(host.run(host.zfs(
+        'get', '-H', '-p', '-s', 'local', '-o', 'name,value', '-t', 'snapshot', '-d', '2',
+        RECEIVED, *parents)))
 
 
 def read_resume_token(host, token: str) -> Optional[Tuple[Optional[str], int]]:
@@ -2295,11 +2402,20 @@ class SyncRun:
             self.dst = list_datasets(self.dst_host, parents, depth=2,
                                      needs=self._programs(self.dst_host, jobs))
             self._check_keys(parents)
+            if self._needs_receipts():
+                receipts = read_receipts(self.dst_host, [p for p in parents if p in self.dst])
+                self.dst = {name: with_receipts(d, receipts) for name, d in self.dst.items()}
         except MissingPrograms as exc:
             self.missing[self.dst_host.name] = exc.names
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             for job in jobs:
                 self._fail(job, 'cannot list the destination: {}'.format(exc))
+
+    def _needs_receipts(self) -> bool:
+        """Whether this run ages backups, or may destroy some by a flag."""
+        opts = self.opts
+        return not self.dst_host.is_remote and bool(
+            opts.keep_destination or opts.rollback or opts.destroy_diverged)
 
     def _check_keys(self, parents):
         """Stop the run when the dataset that receives a backup (its parent,
@@ -2439,14 +2555,20 @@ class SyncRun:
         try:
             if self.opts.dry_run:
                 return self._show_plan(job, src, dst)
+            if dst is not None and dst.type != src.type and not self.dst_host.is_remote:
+                raise SyncError('it is a {}, but its source is a {}; nothing was sent: '
+                                'rename or remove it'.format(dst.type, src.type))
             for _ in range(MAX_STEPS):
                 plan = self._plan(src, dst)
                 if plan.action == 'diverged':
                     raise SyncError(plan.problem)
                 if not plan.steps:
                     break
+                earlier = dst
                 done.append(self._run_step(job, src, dst, plan.steps[0], result))
                 dst = list_datasets(self.dst_host, [job.dst]).get(job.dst)
+                if not self.dst_host.is_remote:
+                    dst = self._check_received(job, src, earlier, dst)
                 src = learn_guids(src, dst)
             else:
                 raise SyncError('still not in sync after {} steps'.format(MAX_STEPS))
@@ -2466,6 +2588,37 @@ class SyncRun:
                 log.warning('%s: after the sync: %s', job.dst, exc)
         result.seconds = time.monotonic() - started
         log.info('%s: %s', job.dst, result.status)
+
+    def _check_received(self, job, src, earlier, dst) -> Optional[Dataset]:
+        """What a receive here brought, checked and recorded: a dataset of
+        another type than the source's listing said is undone (destroyed, or
+        rolled back to where it was) and fails the volume; each new snapshot
+        gets its receipt (RECEIVED, RECEIVED_FROM). Returns `dst` as it is now."""
+        if dst is None:
+            return None
+        if dst.type != src.type:
+            self._undo_receive(job, earlier)
+            raise SyncError('{} sent a {} for {}, which its listing says is a {}; it was undone '
+                            'here'.format(job.src_host.name, dst.type, job.src, src.type))
+        receipts = {dst.name + s.ref: s.received for s in (earlier.snapshots if earlier else ())
+                    if s.received is not None}
+        known = {s.guid for s in (earlier.snapshots if earlier else ())}
+        new = [s for s in dst.snapshots if not s.bookmark and s.guid not in known]
+        if new:
+            now = int(time.time())
+            self.dst_host.run(self.dst_host.zfs(
+                'set', '{}={}'.format(RECEIVED, time.strftime(RECEIPT_TIME, time.gmtime(now))),
+                '{}={}'.format(RECEIVED_FROM, dict(job.props).get('node') or job.src_host.name),
+                *(dst.name + s.ref for s in new)))
+            receipts.update((dst.name + s.ref, now) for s in new)
+        return with_receipts(dst, receipts)
+
+    def _undo_receive(self, job, earlier):
+        newest = [s for s in (earlier.snapshots if earlier else ()) if not s.bookmark][-1:]
+        if newest:
+            self.dst_host.run(self.dst_host.zfs('rollback', '-r', job.dst + newest[0].ref))
+        else:
+            self.dst_host.run(self.dst_host.zfs('destroy', '-r', job.dst))
 
     def _record_origin(self, job, before, dst) -> List[str]:
         """Bring the recorded origin up to date (a receive sets it, but an
@@ -2517,10 +2670,25 @@ class SyncRun:
                               self.opts.snapshot_prefix, protect={base},
                               foreign=self.opts.thin_foreign)
 
+    def _report_uncounted(self, dst):
+        """Say which snapshots the keep schedule keeps without counting them."""
+        if not self.opts.keep_destination:
+            return
+        _, doubtful = retention_ages(dst.snapshots, self.opts.snapshot_prefix,
+                                     self.opts.thin_foreign)
+        if doubtful:
+            (snap, why), more = next(iter(doubtful.items())), len(doubtful) - 1
+            log.warning('%s: %d snapshot(s) kept and not counted by --keep-destination, as '
+                        'retention ages a backup only by the receipt this host wrote: @%s '
+                        '(%s)%s; remove them by hand if they are no backups',
+                        dst.name, len(doubtful), snap.name, why,
+                        ' and {} more'.format(more) if more else '')
+
     def _apply_retention(self, job, src, dst, result):
         """Thin the destination now; queue the source's commands for one ssh
         per host at the end of the run."""
         base = newest_common_guid(src, dst)
+        self._report_uncounted(dst)
         thinned = self._thinned(dst, base)
         if thinned:
             self.dst_host.run(self.dst_host.zfs('destroy', snapshot_spec(dst.name, thinned)))
@@ -2552,11 +2720,14 @@ class SyncRun:
     def _run_step(self, job, src, dst, step, result) -> str:
         """Carry out one step of a plan; returns what it did, for the summary."""
         if isinstance(step, RollbackStep):
+            self._say_what_goes(job, dst, later_snapshots(dst, step.snapshot), '--rollback')
             self.dst_host.run(self._rollback_cmd(job, step))
             log.warning('%s: rolled back to @%s', dst.name, step.snapshot.name)
             return 'rolled back to @' + step.snapshot.name
         if step_is_full(step) and dst is not None:
             # Only with --destroy-diverged does a full stream meet an existing dataset.
+            self._say_what_goes(job, dst, [s for s in dst.snapshots if not s.bookmark],
+                                '--destroy-diverged')
             self.dst_host.run(self.dst_host.zfs('destroy', '-r', dst.name))
             log.warning('%s: destroyed (it shared no snapshot with %s)', dst.name, src.name)
         if isinstance(step, ResumeStep):
@@ -2571,18 +2742,43 @@ class SyncRun:
         if step_is_full(step):
             self._create_parent(job.dst)
         stages = self._transfer_stages(job, src, step, estimate)
-        output = run_pipeline(stages, capture=True)
+        try:
+            output = run_pipeline(stages, capture=True)
+        except CommandError as exc:
+            refused = NOT_ITS_TYPE.search(exc.stderr)
+            if refused and not self.dst_host.is_remote:
+                raise SyncError('{} sent a stream that is no {}, though its listing says {} is '
+                                'one: zfs recv refused it ({}), and nothing of it was kept'.format(
+                                    job.src_host.name, src.type, job.src, refused.group(1)))
+            raise
         result.sent += received_bytes(output)
         return describe_step(step)
+
+    def _say_what_goes(self, job, dst, snapshots, flag):
+        """Before --rollback or --destroy-diverged destroys backups that came
+        from the node (it no longer has them, or their base), say so: a node
+        that deletes its own snapshots must not erase its history here unseen."""
+        received = [s for s in snapshots if s.received is not None
+                    or tool_snapshot_time(s.name, self.opts.snapshot_prefix) is not None]
+        if received:
+            log.warning('%s: %s destroys %d backup(s) that %s sent here and no longer shares '
+                        'with it (%s): a node that deleted its own snapshots erases their '
+                        'history here with this flag; run it by hand, never from cron',
+                        dst.name, flag, len(received), job.src_host.name,
+                        ', '.join('@' + s.name for s in received[:5])
+                        + (' ...' if len(received) > 5 else ''))
 
     def _rollback_cmd(self, job, step):
         return self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
 
     def _transfer_stages(self, job, src, step, estimate):
-        props = {} if isinstance(step, ResumeStep) else receive_props(job, src)
+        here = not self.dst_host.is_remote
+        props, excludes = {}, []
+        if here or not isinstance(step, ResumeStep):
+            props, excludes = receive_options(job, src, here)
         raw = src.encrypted if job.raw is None else job.raw
         return build_transfer(job.src_host, self.dst_host, send_args(step, src, raw),
-                              recv_args(job.dst, props, job.mount),
+                              recv_args(job.dst, props, job.mount, excludes),
                               self.opts.transfer, job.dst, estimate)
 
     def _resume_estimate(self, job, step) -> Optional[int]:
@@ -2670,14 +2866,23 @@ def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]
             for lane in lanes[rank:rank + 1] if lane]
 
 
-def receive_props(job: SyncJob, src: Dataset) -> Dict[str, str]:
-    """The properties a receive sets: the job's own, the recorded origin, and
-    for a backed-up filesystem canmount=noauto, so that it never mounts."""
+def receive_options(job: SyncJob, src: Dataset, here: bool) -> Tuple[Dict[str, str], List[str]]:
+    """(the properties a receive sets, those it takes from no stream): the
+    job's own and the recorded origin. Received here, from a node, no stream
+    sets what could mount, share or run from a backup, or take space from the
+    others, nor the origin records the tool trusts: RECEIVE_OVERRIDES and
+    RECEIVE_EXCLUDES for the type the source's listing announced (those for a
+    filesystem refuse a volume's stream before it lands), and -x of the
+    origin records not set here."""
     props = dict(job.receive_props)
     props.update((PROPERTY_PREFIX + key, value) for key, value in job.props)
-    if src.type == 'filesystem' and not job.mount:
-        props['canmount'] = 'noauto'
-    return props
+    if not here:        # a restore: the node's gate keeps from it what could mount there
+        return props, []
+    props.update(RECEIVE_OVERRIDES[src.type])
+    excludes = list(RECEIVE_EXCLUDES[src.type])
+    excludes += [PROPERTY_PREFIX + key for key in RECORDED_KEYS
+                 if PROPERTY_PREFIX + key not in props]
+    return props, excludes
 
 
 def step_is_full(step) -> bool:
@@ -3178,9 +3383,12 @@ def _drop_missing_boot_devices(new, config):
 
 
 def read_kept_configs(host, backup: GuestBackup) -> Dict[str, str]:
-    """The configs kept with the guest's snapshots, by snapshot name: one zfs get."""
-    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-o', 'name,value',
-                            PROPERTY_PREFIX + 'config', *(v.name for v in backup.volumes)))
+    """The configs kept with the guest's snapshots, by snapshot name: one zfs
+    get. Only those this host set (-s local): a node's stream may bring its
+    snapshots with values of their own."""
+    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-s', 'local',
+                            '-o', 'name,value', PROPERTY_PREFIX + 'config',
+                            *(v.name for v in backup.volumes)))
     configs = {}
     for line in out.splitlines():
         name, _, value = line.partition('\t')
@@ -4382,10 +4590,11 @@ def _add_sync_options(parser, planb=False):
                         help='send only the newest snapshot (zfs send -i, not -I)')
     parser.add_argument('--rollback', action='store_true',
                         help='roll a changed destination back to the newest common '
-                             'snapshot, destroying what came after it there')
+                             'snapshot, destroying what came after it there (by hand, '
+                             'never from cron)')
     parser.add_argument('--destroy-diverged', action='store_true',
                         help='destroy a destination that shares no snapshot with '
-                             'its source, and copy it anew')
+                             'its source, and copy it anew (by hand, never from cron)')
     parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
                         help='transfers at once, in all (default: %(default)s)')
     parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',

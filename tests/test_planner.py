@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 from planb_pvesync import (
     Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, ZFS_LIST_PROPS, is_zfs_name,
-    learn_guids, parse_zfs_list, plan_sync)
+    learn_guids, parse_receipts, parse_zfs_list, plan_sync, with_receipts)
 
 
 def snap(name, guid, txg, bookmark=False, written=10):
@@ -234,6 +234,16 @@ def test_a_listing_zfs_would_not_print_is_refused(line):
 ])
 def test_is_zfs_name(name, marks, ok):
     assert is_zfs_name(name, marks) == ok
+
+
+def test_receipts_are_read_as_this_host_set_them():
+    receipts = parse_receipts('tank/enc/g/v@a\t2024-06-15T12:00:00Z\n'
+                              'tank/enc/g/v@b\tyesterday\n')
+    assert receipts == {'tank/enc/g/v@a': 1718452800}
+    dataset = Dataset('tank/enc/g/v', 'volume', snapshots=(
+        snap('a', 1, 1), snap('b', 2, 2), snap('a', 1, 1, bookmark=True)))
+    assert [s.received for s in with_receipts(dataset, receipts).snapshots] == [
+        1718452800, None, None]
 
 
 # A property test: whatever the source's history and whichever prefix of it

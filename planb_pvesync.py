@@ -18,12 +18,14 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import grp
 import gzip
 import hashlib
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -1359,6 +1361,7 @@ def _read_tail(errors, limit=4000) -> str:
 class Host:
     """Where commands run; subclasses say how (`stages`)."""
     sudo: List[str]             # set by each subclass
+    may_set: Optional[frozenset] = None     # the properties zfs may set; None: all
 
     def zfs(self, *args: str) -> List[str]:
         return self.sudo + ['zfs', *args]
@@ -1381,12 +1384,15 @@ class Host:
 
 
 class LocalHost(Host):
-    """This machine. Commands run without a shell."""
+    """This machine. Commands run without a shell; zfs with sudo, unless as
+    root or with `may_set`: the zfs permissions this user holds by
+    delegation (zfs allow), and then without."""
     name = 'localhost'
     is_remote = False
 
-    def __init__(self):
-        self.sudo = [] if os.geteuid() == 0 else ['sudo', '-n']
+    def __init__(self, may_set: Optional[Collection[str]] = None):
+        self.may_set = None if may_set is None else frozenset(may_set)
+        self.sudo = [] if os.geteuid() == 0 or may_set is not None else ['sudo', '-n']
 
     def stages(self, cmds: Sequence[Sequence[str]], needs: Sequence[str] = ()) -> List[Stage]:
         """The local process stages that run `cmds` piped into each other."""
@@ -2320,6 +2326,75 @@ def default_lock_dir() -> str:
     raise PvesyncError('no writable lock directory; pass --lock-dir')
 
 
+# What the tool does with zfs on the backup host, as OpenZFS delegates it:
+# `zfs allow -u USER PERMISSIONS ROOT` on the backup root, whose mountpoint
+# is none, lets USER run the sync and restores without sudo. Not among them:
+# mountpoint, setuid, exec, devices, share (so neither the user nor a stream
+# can set those below the root: all inherit the root's) and snapshot, clone,
+# promote, allow, load-key.
+BACKUP_PERMISSIONS = ('create', 'destroy', 'mount', 'receive', 'rollback', 'rename', 'send',
+                      'userprop', 'canmount', 'volmode')
+
+
+def delegated_permissions(allow_text: str, user: str, groups: Collection[str]) -> Set[str]:
+    """What `zfs allow DATASET` says `user` (by name, by one of its `groups`,
+    or as everyone) may do below DATASET: the Descendent and Local+Descendent
+    permissions of DATASET and of its ancestors. Permission sets (@NAME) are
+    not looked into."""
+    held, applies = set(), False
+    for line in allow_text.splitlines():
+        words = line.split()
+        if not line[:1].isspace():
+            applies = line.strip() in ('Descendent permissions:',
+                                       'Local+Descendent permissions:')
+        elif applies and len(words) >= 2 and (
+                words[0] == 'everyone' or words[:2] == ['user', user]
+                or (words[0] == 'group' and words[1] in groups)):
+            held.update(words[-1].split(','))
+    return held
+
+
+def backup_host(dataset: str) -> LocalHost:
+    """This host, as the tool works on `dataset` (the backup root, or a
+    dataset below it): without sudo when this user holds every one of
+    BACKUP_PERMISSIONS there by delegation, on a root that is not mounted
+    (mountpoint=none, where the user cannot set another); else with sudo, as
+    LocalHost() (a warning says why, when it holds some of them)."""
+    here = LocalHost()
+    if not here.sudo:
+        return here
+    bare = LocalHost(may_set=())       # reads need no privilege
+    for name in [dataset, *_ancestors(dataset)]:
+        try:
+            allowed = bare.run(['zfs', 'allow', name])
+            break
+        except CommandError:        # it does not exist (yet): its parent decides
+            continue
+    else:
+        return here
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    held = delegated_permissions(allowed, user, _group_names())
+    if not held:
+        return here
+    missing = [p for p in BACKUP_PERMISSIONS if p not in held]
+    mountpoint = bare.run(['zfs', 'get', '-H', '-o', 'value', 'mountpoint', name]).strip()
+    if missing or mountpoint != 'none':
+        log.warning('%s holds zfs permissions on %s by delegation, but %s; so zfs runs with '
+                    'sudo (README.rst: Security)', user, name,
+                    'not ' + ','.join(missing) if missing else
+                    'its mountpoint is {}, not none'.format(mountpoint))
+        return here
+    return LocalHost(may_set=held)
+
+
+def _group_names() -> Set[str]:
+    names = set()
+    for gid in {os.getegid(), *os.getgroups()}:
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(gid).gr_name)
+    return names
+
+
 class SyncRun:
     """One run over many jobs: lists each host once (all side by side),
     snapshots each group at once, then syncs job after job; a failing job
@@ -2775,7 +2850,7 @@ class SyncRun:
         here = not self.dst_host.is_remote
         props, excludes = {}, []
         if here or not isinstance(step, ResumeStep):
-            props, excludes = receive_options(job, src, here)
+            props, excludes = receive_options(job, src, here, self.dst_host.may_set)
         raw = src.encrypted if job.raw is None else job.raw
         return build_transfer(job.src_host, self.dst_host, send_args(step, src, raw),
                               recv_args(job.dst, props, job.mount, excludes),
@@ -2797,10 +2872,14 @@ class SyncRun:
         return size
 
     def _create_parent(self, dst):
+        """A parent that never mounts: mountpoint=none; by delegation, which
+        does not grant setting a mountpoint, the backup root's none inherited
+        and canmount=off (zfs create would try to mount it)."""
         parent = dst.rpartition('/')[0]
+        unmounted = 'canmount=off' if self.dst_host.may_set is not None else 'mountpoint=none'
         with self._mutex:
             if parent not in self.dst:
-                self.dst_host.run(self.dst_host.zfs('create', '-o', 'mountpoint=none', parent))
+                self.dst_host.run(self.dst_host.zfs('create', '-o', unmounted, parent))
                 self.dst[parent] = Dataset(parent, 'filesystem')
 
     def _show_plan(self, job, src, dst):
@@ -2866,20 +2945,24 @@ def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]
             for lane in lanes[rank:rank + 1] if lane]
 
 
-def receive_options(job: SyncJob, src: Dataset, here: bool) -> Tuple[Dict[str, str], List[str]]:
+def receive_options(job: SyncJob, src: Dataset, here: bool,
+                    may_set: Optional[Collection[str]] = None) -> Tuple[Dict[str, str], List[str]]:
     """(the properties a receive sets, those it takes from no stream): the
     job's own and the recorded origin. Received here, from a node, no stream
     sets what could mount, share or run from a backup, or take space from the
     others, nor the origin records the tool trusts: RECEIVE_OVERRIDES and
     RECEIVE_EXCLUDES for the type the source's listing announced (those for a
     filesystem refuse a volume's stream before it lands), and -x of the
-    origin records not set here."""
+    origin records not set here. `may_set`: what this host's user may set,
+    where it works by delegation: a stream cannot set the rest either, which
+    inherit the backup root's (an -o or -x of them would only warn)."""
     props = dict(job.receive_props)
     props.update((PROPERTY_PREFIX + key, value) for key, value in job.props)
     if not here:        # a restore: the node's gate keeps from it what could mount there
         return props, []
-    props.update(RECEIVE_OVERRIDES[src.type])
-    excludes = list(RECEIVE_EXCLUDES[src.type])
+    props.update((key, value) for key, value in RECEIVE_OVERRIDES[src.type].items()
+                 if may_set is None or key in may_set)
+    excludes = [key for key in RECEIVE_EXCLUDES[src.type] if may_set is None or key in may_set]
     excludes += [PROPERTY_PREFIX + key for key in RECORDED_KEYS
                  if PROPERTY_PREFIX + key not in props]
     return props, excludes
@@ -3910,7 +3993,9 @@ def cmd_sync_pve_guest(session: Session) -> int:
                for g in guests if g.volumes is None]
     for problem in unknown:
         log.error('%s', problem)
-    rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
+    here = backup_host(root)
+    rename_guest_backups(here, root, cluster.name,
+                         [g for g in guests if g.volumes is not None], args.dry_run)
     jobs = []
     for guest in guests:
         config = config_to_keep(cluster.name, guest)
@@ -3918,7 +4003,7 @@ def cmd_sync_pve_guest(session: Session) -> int:
                            session.volume_host(cluster, guest, volume), config)
                  for volume in guest.volumes or () if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
-    status = run_jobs(session, jobs, freeze)
+    status = run_jobs(session, here, jobs, freeze)
     return EXIT_FAILED if unknown else status
 
 
@@ -3956,9 +4041,11 @@ def cmd_planb_transport(session: Session) -> int:
     jobs = [volume_job(planb_child(fileset, volume), cluster.name, guest, volume,
                        session.volume_host(cluster, guest, volume), config)
             for volume in guest.volumes if volume.skip is None]
-    prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
+    here = backup_host(fileset.dataset)
+    prepare_planb_dataset(here, fileset, args.dry_run)
     freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
-    return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
+    return run_jobs(session, here, jobs, freeze,
+                    planb_sync_options(fileset, sync_options(session)))
 
 
 def config_to_keep(cluster: str, guest: PveGuest) -> Optional[str]:
@@ -4034,7 +4121,7 @@ def cmd_status(session: Session) -> int:
     root = session.zfs_root()
     api, cluster = session.connect()
     guests = read_guest_volumes(api, cluster, select_guests(cluster, selection))
-    found = list_datasets(LocalHost(), [root], depth=3)
+    found = list_datasets(backup_host(root), [root], depth=3)
     jobs, notes = [], {}
     for guest in guests:
         if guest.volumes is None:   # its node is offline: what the backup holds
@@ -4127,7 +4214,7 @@ def cmd_sync_filesystem(session: Session) -> int:
         raise UsageError('DST must be a local dataset below a pool, like tank/enc/name')
     job = SyncJob(src_host=src_host, src=src, dst=args.dst,
                   props=(('source', args.src),))
-    return run_jobs(session, [job], None)
+    return run_jobs(session, backup_host(args.dst), [job], None)
 
 
 def transfer_options(args) -> TransferOptions:
@@ -4150,13 +4237,13 @@ def sync_options(session: Session) -> SyncOptions:
         keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
 
 
-def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze,
+def run_jobs(session: Session, here: LocalHost, jobs: Sequence[SyncJob], freeze,
              opts: Optional[SyncOptions] = None) -> int:
-    """Sync `jobs` with `opts` (default: the command line's), then print the
-    results; exit 1 when one failed."""
+    """Sync `jobs` into `here` with `opts` (default: the command line's),
+    then print the results; exit 1 when one failed."""
     args = session.args
     started = time.monotonic()
-    results = SyncRun(jobs, LocalHost(), opts or sync_options(session), freeze=freeze).run()
+    results = SyncRun(jobs, here, opts or sync_options(session), freeze=freeze).run()
     for result in results:
         if result.status == 'failed':
             log.error('%s', format_result(result))
@@ -4195,11 +4282,13 @@ def _guest_word(session: Session) -> str:
     return names[0]
 
 
-def read_guest_backup(session: Session) -> Tuple[LocalHost, str, GuestBackup,
-                                                  List[RestorePoint]]:
+def read_guest_backup(session: Session, delegated=True) -> Tuple[LocalHost, str, GuestBackup,
+                                                                  List[RestorePoint]]:
     """The backups of the -g guest and their restore points, from this host
-    alone: no API call, so that it works while the cluster is down."""
-    here, root = LocalHost(), session.zfs_root()
+    alone: no API call, so that it works while the cluster is down. Not
+    `delegated`: with sudo (or as root), whatever zfs allow grants."""
+    root = session.zfs_root()
+    here = backup_host(root) if delegated else LocalHost()
     found = list_datasets(here, [root], depth=3)
     if root not in found:
         raise UsageError('--sync-zfs-root {} does not exist here'.format(root))
@@ -4441,7 +4530,7 @@ def cmd_mount_restore_point(session: Session) -> int:
     """A restore point's volume readable here, read-only, from a clone: the
     backup itself is not touched."""
     args = session.args
-    here, root, backup, points = read_guest_backup(session)
+    here, root, backup, points = read_guest_backup(session, delegated=False)    # it mounts
     point = choose_restore_point(points, args.at, backup.label)
     volume = _volume_to_mount(backup, points, point, args.volume)
     path = os.path.abspath(args.path)

@@ -10,8 +10,9 @@ import pytest
 
 from planb_pvesync import (
     CommandError, Dataset, LocalHost, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
-    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, pipeline_text,
-    receive_options, recv_args, remote_command, run_pipeline, send_args, transfer_programs)
+    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, delegated_permissions,
+    pipeline_text, receive_options, recv_args, remote_command, run_pipeline, send_args,
+    transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
@@ -80,11 +81,46 @@ def test_a_backup_takes_from_the_stream_nothing_that_could_mount_run_or_reserve(
     assert excludes == ['mountpoint', 'reservation', 'refreservation'] + ORIGIN_EXCLUDES
 
 
+def test_by_delegation_only_what_the_user_may_set_is_excluded():
+    job = SyncJob(LocalHost(), 'pool/fs', 'tank/enc/fs', props=(('source', 'h:pool/fs'),))
+    props, excludes = receive_options(job, Dataset(job.src, 'filesystem'), here=True,
+                                      may_set={'receive', 'canmount', 'reservation'})
+    assert props == {'canmount': 'noauto', 'planb-pvesync:source': 'h:pool/fs'}
+    assert excludes == ['reservation'] + [
+        'planb-pvesync:' + key for key in ('cluster', 'node', 'storage', 'volume', 'vmid')]
+
+
 def test_a_restore_sets_what_it_asks_and_leaves_the_rest_to_the_gate():
     restore = SyncJob(LocalHost(), 'tank/enc/ct/x', 'rpool/data/subvol-9-disk-0',
                       receive_props=(('refquota', '64M'),), mount=True)
     assert receive_options(restore, Dataset(restore.src, 'filesystem'), here=False) == (
         {'refquota': '64M'}, [])
+
+
+ALLOWED = """\
+---- Permissions on tank/enc/backups ---------------------------------
+Local permissions:
+\tuser planb snapshot
+Local+Descendent permissions:
+\tuser planb create,destroy,mount,receive
+\tgroup backup rename
+\teveryone send
+\tuser planbx rollback
+---- Permissions on tank/enc ------------------------------------------
+Descendent permissions:
+\tuser planb userprop
+Create time permissions:
+\tdestroy
+Permission sets:
+\t@backup canmount,volmode
+"""
+
+
+def test_delegated_permissions_on_a_dataset_and_its_ancestors_below_it():
+    assert delegated_permissions(ALLOWED, 'planb', {'planb', 'backup'}) == {
+        'create', 'destroy', 'mount', 'receive', 'rename', 'send', 'userprop'}
+    assert delegated_permissions(ALLOWED, 'other', {'other'}) == {'send'}
+    assert delegated_permissions('', 'planb', {'planb'}) == set()
 
 
 def remote(user='planb'):

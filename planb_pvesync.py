@@ -2249,18 +2249,35 @@ def read_receipts(host, parents: Sequence[str]) -> Dict[str, int]:
         RECEIVED, *parents)))
 
 
-def read_resume_token(host, token: str) -> Optional[Tuple[Optional[str], int]]:
-    """(the dataset a partial receive's token sends from, the bytes still to
-    send), as `zfs send -n -v -P -t` on `host` reads the token; None when the
-    host cannot send it (its snapshot is gone there)."""
+@dataclasses.dataclass(frozen=True)
+class TokenSends:
+    """What a partial receive's resume token sends, as `zfs send -n -v -P -t`
+    reads it: the dataset it names and the guid of the snapshot (zfs send -t
+    looks that up by guid, anywhere in the pool: the name is only a label),
+    and the bytes still to send."""
+    dataset: Optional[str]
+    guid: Optional[int]
+    remaining: int
+
+    def is_of(self, dataset: Dataset) -> bool:
+        """Whether it sends a snapshot of `dataset`, by name and by guid."""
+        return self.dataset in (None, dataset.name) and self.guid in {
+            s.guid for s in dataset.snapshots if not s.bookmark}
+
+
+def read_resume_token(host, token: str) -> Optional[TokenSends]:
+    """What `token` sends, as `host` reads it; None when the host cannot send
+    it (its snapshot is gone there)."""
     try:
         out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', token))
     except CommandError as exc:
         log.info('%s: resume token unusable: %s', host.name, exc)
         return None
     named = re.search(r'^\s*toname = ([^@\n]*)@', out, re.M)
+    guid = re.search(r'^\s*toguid = (0x[0-9a-f]+|[0-9]+)$', out, re.M)
     sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
-    return (named.group(1) if named else None), (int(sizes[-1]) if sizes else 0)
+    return TokenSends(named.group(1) if named else None, int(guid.group(1), 0) if guid else None,
+                      int(sizes[-1]) if sizes else 0)
 
 
 def _ancestors(dataset: str) -> List[str]:
@@ -2860,16 +2877,16 @@ class SyncRun:
         """Bytes still to send for a resume token; None when the token is stale.
         A token is resumed only for the source it came from: it names what the
         source sends, and a destination is no authority on that."""
-        read = read_resume_token(job.src_host, step.token)
-        if read is None:
+        sends = read_resume_token(job.src_host, step.token)
+        if sends is None:
             return None
-        source, size = read
-        if source not in (None, job.src):
+        if not sends.is_of(self.src[(job.src_host.name, job.src)]):
+            other = sends.dataset or 'another dataset'
             raise SyncError(
                 'it holds a partial receive of {0}, not of its source {1}, so it is not '
                 'resumed (that would send {0}); if {1} is right, abort it: zfs recv -A '
-                '{2}'.format(source, job.src, job.dst))
-        return size
+                '{2}'.format(other, job.src, job.dst))
+        return sends.remaining
 
     def _create_parent(self, dst):
         """A parent that never mounts: mountpoint=none; by delegation, which
@@ -4470,8 +4487,8 @@ def _check_targets(host, here, volumes, point, disks_only):
 def _target_state(here, volume, point, existing) -> str:
     state = restore_states([volume], point, existing)[volume.dataset]
     if state == 'resume':   # a partial receive: resumed only when it is of this backup
-        read = read_resume_token(here, existing[volume.dataset].resume_token)
-        if read is None or read[0] not in (None, volume.backup.name):
+        sends = read_resume_token(here, existing[volume.dataset].resume_token)
+        if sends is None or not sends.is_of(volume.backup):
             return 'exists'
     return state
 

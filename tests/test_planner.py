@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from planb_pvesync import (
-    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, ZFS_LIST_PROPS, is_zfs_name,
-    learn_guids, parse_receipts, parse_zfs_list, plan_sync, with_receipts)
+    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, TokenSends, ZFS_LIST_PROPS,
+    is_zfs_name, learn_guids, parse_receipts, parse_zfs_list, plan_sync, with_receipts)
 
 
 def snap(name, guid, txg, bookmark=False, written=10):
@@ -244,6 +244,15 @@ def test_receipts_are_read_as_this_host_set_them():
         snap('a', 1, 1), snap('b', 2, 2), snap('a', 1, 1, bookmark=True)))
     assert [s.received for s in with_receipts(dataset, receipts).snapshots] == [
         1718452800, None, None]
+
+
+def test_a_resume_token_is_of_a_dataset_by_name_and_by_guid():
+    backup = Dataset('tank/enc/g/v', 'volume', snapshots=(snap('a', 11, 1), snap('b', 12, 2)))
+    assert TokenSends('tank/enc/g/v', 12, 100).is_of(backup)
+    assert TokenSends(None, 11, 100).is_of(backup)
+    assert not TokenSends('tank/enc/g/v', 99, 100).is_of(backup)     # another's, by guid
+    assert not TokenSends('tank/enc/h/w', 12, 100).is_of(backup)
+    assert not TokenSends('tank/enc/g/v', None, 100).is_of(backup)
 
 
 # A property test: whatever the source's history and whichever prefix of it

@@ -1,10 +1,24 @@
-PYTHON ?= python3
+# The tests, the demo, the bench and the lab run in a virtual environment of
+# their own, .venv in the checkout, made with Debian's /usr/bin/python3 (not a
+# python3 of one's own build first on PATH): nothing goes into the system's Python.
+VENV := .venv
+PYTHON := $(VENV)/bin/python3
+# What `make clean` removes besides the venv: the demo's lab and the VM image cache.
+DEMO_DIR := $(or $(PLANB_DEMO_DIR),/var/tmp/planb-pvesync-demo)
+LAB_CACHE := $(or $(PLANB_LAB_CACHE),/var/cache/planb-pvesync-lab)
 
-.PHONY: deps test demo bench lab lab-down
+.PHONY: deps packages test demo bench lab lab-down clean
 
-# Packages the tests and the lab need (Debian 12, as root); a no-op when present.
-deps:
+deps: packages $(VENV)/.installed
+
+# Debian packages the tests and the lab need (as root); a no-op when present.
+packages:
 	tests/lab/install-deps
+
+$(VENV)/.installed: requirements-test.txt | packages
+	/usr/bin/python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $@
 
 test: deps
 	$(PYTHON) -m pytest -v tests
@@ -14,10 +28,10 @@ demo: deps
 	$(PYTHON) tests/lab/demo.py
 
 # planb-pvesync against syncoid and zfs-autobackup on the lab (prints its estimated time;
-# about an hour on 2 cores); writes bench/results.rst, results.json and the picture
-# bench/scale.png (matplotlib, for the bench only). See bench/bench.py.
+# about an hour on 2 cores), in an image of its own that has the peers; writes
+# bench/results.rst, results.json and the picture bench/scale.png. See bench/README.rst.
 bench: deps
-	$(PYTHON) -m pip install -q -r bench/requirements.txt
+	$(VENV)/bin/pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/bench.py
 
 # Boot the VM lab (building its image if needed) and leave it running; prints how to log in.
@@ -26,3 +40,8 @@ lab: deps
 
 lab-down:
 	$(PYTHON) tests/lab/lab.py down
+
+# Everything the demo and the tests leave: the venv, the demo's lab and the image cache.
+clean:
+	-[ ! -x $(PYTHON) ] || $(PYTHON) tests/lab/lab.py down --state-dir $(DEMO_DIR)
+	rm -rf $(VENV) $(DEMO_DIR) $(LAB_CACHE)

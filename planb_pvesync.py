@@ -30,6 +30,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -247,7 +248,8 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG) -> Config:
     try:
         parser.read_string(flush_left, source=filename)
     except configparser.Error as exc:
-        raise ConfigError('{}: {}'.format(filename, ' '.join(str(exc).split())))
+        raise ConfigError('{}: {}'.format(filename, _config_syntax_problem(
+            exc, flush_left.splitlines())))
     clusters, storages = {}, {}
     for section in parser.sections():
         where = '{}: [{}]'.format(filename, section)
@@ -272,6 +274,25 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG) -> Config:
     return Config(filename, clusters, storages)
 
 
+def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str:
+    """configparser's complaint about `lines`, as what is wrong and how to put
+    it right."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ('line {} ({}) comes before any section; the file starts with a section '
+                'line, [pve:CLUSTER], e.g. [pve:mycluster], and its keys follow it'.format(
+                    exc.lineno, lines[exc.lineno - 1].strip()))
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return 'line {}: a second [{}] section; keep one'.format(exc.lineno, exc.section)
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return 'line {}: [{}] has {}= twice; keep one'.format(exc.lineno, exc.section,
+                                                            exc.option)
+    if isinstance(exc, configparser.ParsingError):
+        lineno = exc.errors[0][0]
+        return 'line {} ({}) is no KEY=VALUE line and no [SECTION] line'.format(
+            lineno, lines[lineno - 1].strip())
+    return ' '.join(str(exc).split())
+
+
 def load_config(path: str) -> Config:
     filename = os.path.expanduser(path)
     try:
@@ -279,8 +300,8 @@ def load_config(path: str) -> Config:
             text = fp.read()
             mode = os.fstat(fp.fileno()).st_mode
     except OSError as exc:
-        raise ConfigError('{}: cannot read config: {}; write one as README.rst '
-                          'shows, or name another with -f'.format(
+        raise ConfigError('{}: cannot read config: {}; write one as man planb-pvesync '
+                          'shows under CONFIGURATION, or name another with -f'.format(
                               path, exc.strerror))
     config = parse_config(text, path)
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -1014,8 +1035,9 @@ def _server_fingerprint(host, port) -> str:
 
 
 def _short_reason(exc) -> str:
-    """The innermost reason of a requests/urllib3 error, on one line."""
-    text = str(exc)
+    """The innermost reason of a requests/urllib3 error, on one line (without
+    the place in OpenSSL's source that some end with, '(_ssl.c:992)')."""
+    text = re.sub(r' \(_ssl\.c:\d+\)', '', str(exc))
     for pattern in (r'Fingerprints did not match', r'\[SSL[^\]]*\][^'"'"'")]*',
                     r'\[Errno[^\]]*\][^'"'"'")]*', r'Name or service not known',
                     r'Remote end closed connection without response',
@@ -1400,6 +1422,70 @@ class LocalHost(Host):
         if missing:
             raise MissingPrograms(missing)
         return [Stage(_command_name(cmd), list(cmd)) for cmd in cmds]
+
+    def run(self, cmd: Sequence[str], needs: Sequence[str] = ()) -> str:
+        """As Host.run; a zfs list or get that fails for want of OpenZFS or of
+        the sudo rule raises NotSetUp. Every command begins with one of those."""
+        try:
+            return super().run(cmd, needs)
+        except CommandError as exc:
+            reads = list(cmd[len(self.sudo):len(self.sudo) + 2]) in (['zfs', 'list'],
+                                                                     ['zfs', 'get'])
+            problem = reads and setup_problem(exc.failed[0], pwd.getpwuid(os.geteuid()).pw_name,
+                                              socket.gethostname(), find_zfs())
+            if problem:
+                raise NotSetUp(problem) from exc
+            raise
+
+
+class NotSetUp(PvesyncError):
+    """This host lacks what every command here needs (OpenZFS, the sudo rule
+    for zfs): its first command, a read, fails before anything is changed."""
+    exit_code = EXIT_CANNOT_START
+
+
+# How a missing sudo rule and a missing zfs show on this host: sudo's own
+# words, or those of the exec that found no program.
+SUDO_REFUSED = re.compile(r'^sudo: (a password is required|a terminal is required|'
+                          r'.* is not in the sudoers file|.* is not allowed to execute)', re.M)
+NOT_FOUND = re.compile(r'^(sudo: )?(zfs|sudo): (command not found|No such file or directory)$',
+                       re.M)
+SUDOERS_FILE = '/etc/sudoers.d/planb-pvesync'
+ZFS_PATH = '/usr/sbin/zfs'      # where Debian's zfsutils-linux puts it
+
+
+# Where sudo looks for a program, in its order (Debian's secure_path).
+SUDO_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+
+
+def find_zfs() -> Optional[str]:
+    """The zfs that sudo runs here (and a sudoers line must name), if any."""
+    return shutil.which('zfs', path=SUDO_PATH)
+
+
+def setup_problem(failure, user: str, host: str, zfs: Optional[str]) -> Optional[str]:
+    """What a failed local command (the first failure of a CommandError) says
+    about this host's setup, as a message with the fix; None when it is no
+    such problem. `zfs` is where zfs is here (None: nowhere), for sudo
+    refuses a program it cannot find as one it may not run."""
+    _, _, err = failure
+    missing = NOT_FOUND.search(err)
+    refused = SUDO_REFUSED.search(err)
+    if (missing or refused) and (zfs is None or missing and missing.group(2) == 'zfs'):
+        return ('zfs is not installed on this host ({}), where the backups are kept; '
+                'install OpenZFS (Debian: apt-get install zfs-dkms zfsutils-linux, from '
+                'contrib) and make the pool; nothing was done'.format(host))
+    sudoers_line = '{} ALL=(root) NOPASSWD: {}'.format(user, zfs or ZFS_PATH)
+    if missing:
+        return ('sudo is not installed on this host ({}); install it (apt-get install '
+                'sudo), then add the line "{}" in {} (visudo -f {}); nothing was '
+                'done'.format(host, sudoers_line, SUDOERS_FILE, SUDOERS_FILE))
+    if refused:
+        return ('{} may not run zfs with sudo on this host ({}): {}; add the line "{}" '
+                'in {} (visudo -f {}); nothing was done'.format(
+                    user, host, refused.group(0), sudoers_line, SUDOERS_FILE,
+                    SUDOERS_FILE))
+    return None
 
 
 # What a remote command runs first when it needs programs (Host.run): every
@@ -2051,6 +2137,28 @@ class TransferOptions:
     bwlimit: Optional[str] = None   # bytes per second, e.g. '20M' (pv -L)
 
 
+# What pv -L takes (a whole number of bytes with K, M, G or T for powers of
+# 1024; 0 would mean no limit) and mbuffer -m (the same up to G, or a share
+# of the memory).
+PV_RATE = re.compile(r'[1-9][0-9]*[kKmMgGtT]?')
+MBUFFER_SIZE = re.compile(r'[1-9][0-9]*[kKmMgG]?|[1-9][0-9]?%')
+
+
+def parse_bwlimit(text: str) -> str:
+    if not PV_RATE.fullmatch(text):
+        raise ValueError('{!r} is no rate; give bytes per second as a whole number, '
+                         'with K, M, G or T for powers of 1024: e.g. 50M'.format(text))
+    return text
+
+
+def parse_mbuffer_size(text: str) -> str:
+    if not MBUFFER_SIZE.fullmatch(text):
+        raise ValueError('{!r} is no buffer size; give a whole number of bytes, with K, M '
+                         'or G for powers of 1024 (e.g. 256M), or a share of the memory '
+                         '(e.g. 5%)'.format(text))
+    return text
+
+
 # What a receive on the backup host sets, by the type the source's listing
 # announced: a filesystem never mounts (canmount=noauto; and a volume's
 # stream is refused, as canmount does not apply to it); nothing on it could
@@ -2288,6 +2396,19 @@ def _ancestors(dataset: str) -> List[str]:
 
 def snapshot_name(prefix: str, now: float) -> str:
     return '{}-{}'.format(prefix, time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now)))
+
+
+# Of the characters ZFS allows in a snapshot name, those that keep the tool's
+# own names one word in a shell, a cron line or a PlanB setting.
+SNAPSHOT_PREFIX = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}')
+
+
+def parse_snapshot_prefix(text: str) -> str:
+    if not SNAPSHOT_PREFIX.fullmatch(text):
+        raise ValueError('{!r} is no snapshot prefix; use up to 64 letters, digits and '
+                         '_ . : - (no space), starting with a letter or a digit: e.g. '
+                         'nightly'.format(text))
+    return text
 
 
 def needs_snapshot(sources: Sequence[Dataset], reuse_age: int, now: float) -> bool:
@@ -4038,9 +4159,6 @@ def cmd_list_planb_filesets(session: Session) -> int:
 def cmd_planb_transport(session: Session) -> int:
     """One guest, by vmid, into the PlanB fileset whose exec transport runs this."""
     args = session.args
-    if args.pve_guest or args.sync_zfs_root:
-        raise UsageError('planb-transport takes the guest by its vmid alone and '
-                         'receives into $planb_storage_name: drop -g and --sync-zfs-root')
     fileset = planb_fileset(os.environ)
     api, cluster = session.connect()
     found = [g for g in cluster.guests if g.vmid == args.vmid]
@@ -4249,8 +4367,8 @@ def sync_options(session: Session) -> SyncOptions:
         snapshot_reuse_age=args.snapshot_reuse_age,
         intermediates=not args.no_intermediates, rollback=args.rollback,
         destroy_diverged=args.destroy_diverged, dry_run=args.dry_run,
-        wait=args.wait, lock_dir=args.lock_dir, jobs=args.jobs,
-        jobs_per_node=args.jobs_per_node, keep_source=keep_source,
+        wait=args.wait, lock_dir=args.lock_dir, jobs=getattr(args, 'jobs', 1),
+        jobs_per_node=getattr(args, 'jobs_per_node', 1), keep_source=keep_source,
         keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
 
 
@@ -4650,24 +4768,51 @@ def cmd_unmount_restore_point(session: Session) -> int:
     return EXIT_OK
 
 
-def _add_common_options(parser, suppress):
-    """Options that may stand before or after the command, as in the origin."""
-    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
-    parser.add_argument('-f', '--config', metavar='FILENAME', default=default(DEFAULT_CONFIG),
-                        help='config file (default: %(default)s)' if not suppress else None)
-    parser.add_argument('-p', '--pve-cluster', metavar='CLUSTERNAME', default=default(None),
+# The options that may stand before the command, as in the origin: on the main
+# parser with their defaults, and on each command that takes them without
+# (argparse.SUPPRESS), so that one given before the command is not reset.
+def _default(value, suppress):
+    return argparse.SUPPRESS if suppress else value
+
+
+def _add_config_options(parser, suppress=True):
+    parser.add_argument('-f', '--config', metavar='FILENAME',
+                        default=_default(DEFAULT_CONFIG, suppress),
+                        help='the config file (default: {})'.format(DEFAULT_CONFIG))
+    parser.add_argument('-p', '--pve-cluster', metavar='CLUSTERNAME',
+                        default=_default(None, suppress),
                         help='the [pve:CLUSTERNAME] section to use (optional when '
                              'there is one)')
+
+
+def _add_guest_option(parser, suppress=True):
     parser.add_argument('-g', '--pve-guest', metavar='GUESTNAME', action='append',
-                        default=default([]), help='a guest by vmid or name; repeatable')
-    parser.add_argument('--sync-zfs-root', metavar='DEST_FILESYSTEM', default=default(None),
-                        help='the local dataset that receives the guests, e.g. tank/enc')
-    parser.add_argument('-v', '--verbose', action='count', default=default(0),
+                        default=_default([], suppress),
+                        help='a guest by vmid or name; repeatable' if suppress else
+                             'a guest by vmid or name, for the commands that take one; '
+                             'repeatable')
+
+
+def _add_root_option(parser, suppress=True):
+    parser.add_argument('--sync-zfs-root', metavar='DEST_FILESYSTEM',
+                        default=_default(None, suppress),
+                        help='the local dataset that holds the backups, e.g. tank/enc')
+
+
+def _add_verbose_options(parser, suppress=True):
+    parser.add_argument('-v', '--verbose', action='count', default=_default(0, suppress),
                         help='say more: -v what happens, -vv every API call and command')
     parser.add_argument('--debug', action='store_const', const=2, dest='verbose',
-                        default=default(0), help='the same as -vv')
-    parser.add_argument('-q', '--quiet', action='store_true', default=default(False),
+                        default=_default(0, suppress), help='the same as -vv')
+
+
+def _add_quiet_option(parser, suppress=True):
+    parser.add_argument('-q', '--quiet', action='store_true', default=_default(False, suppress),
                         help='print only the summary and what failed')
+
+
+def _add_json_option(parser):
+    parser.add_argument('--json', action='store_true', help='print JSON')
 
 
 def _add_transfer_options(parser):
@@ -4675,10 +4820,10 @@ def _add_transfer_options(parser):
                         help='print the plan and the exact pipelines; change nothing')
     parser.add_argument('--compress', choices=sorted(COMPRESSORS), default='zstd',
                         help='compression on the wire (default: %(default)s)')
-    parser.add_argument('--mbuffer', metavar='SIZE',
+    parser.add_argument('--mbuffer', metavar='SIZE', type=_option_type(parse_mbuffer_size),
                         help='buffer the stream where it is received with mbuffer, '
                              'e.g. 256M')
-    parser.add_argument('--bwlimit', metavar='RATE',
+    parser.add_argument('--bwlimit', metavar='RATE', type=_option_type(parse_bwlimit),
                         help='limit the transfer to RATE bytes per second, e.g. 50M '
                              '(with pv)')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction,
@@ -4701,11 +4846,6 @@ def _add_sync_options(parser, planb=False):
     parser.add_argument('--destroy-diverged', action='store_true',
                         help='destroy a destination that shares no snapshot with '
                              'its source, and copy it anew (by hand, never from cron)')
-    parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
-                        help='transfers at once, in all (default: %(default)s)')
-    parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
-                        help='transfers at once from one source node (default: '
-                             '%(default)s: its disks and link are the limit)')
     parser.add_argument('--keep-source', metavar='N|all', default=argparse.SUPPRESS,
                         type=_option_type(parse_keep_source),
                         help="keep the newest N of this tool's snapshots on the "
@@ -4720,6 +4860,24 @@ def _add_sync_options(parser, planb=False):
         _add_options_planb_decides(parser)
 
 
+def _add_planb_sync_options(parser):
+    _add_sync_options(parser, planb=True)
+
+
+def _add_jobs_options(parser):
+    parser.add_argument('-j', '--jobs', type=_positive_int, default=1, metavar='N',
+                        help='transfers at once, in all (default: %(default)s)')
+    parser.add_argument('--jobs-per-node', type=_positive_int, default=1, metavar='N',
+                        help='transfers at once from one source node (default: '
+                             '%(default)s: its disks and link are the limit)')
+
+
+def _add_fsfreeze_option(parser):
+    parser.add_argument('--fsfreeze', action='store_true',
+                        help='freeze the guest filesystems through the QEMU '
+                             'guest agent around the snapshot')
+
+
 # What planb-transport takes from PlanB (planb_sync_options), not from options.
 PLANB_DECIDED_OPTIONS = ('snapshot_prefix', 'no_snapshot', 'snapshot_reuse_age', 'wait',
                          'thin_foreign_snapshots')
@@ -4727,6 +4885,7 @@ PLANB_DECIDED_OPTIONS = ('snapshot_prefix', 'no_snapshot', 'snapshot_reuse_age',
 
 def _add_options_planb_decides(parser):
     parser.add_argument('--snapshot-prefix', default='planb', metavar='PREFIX',
+                        type=_option_type(parse_snapshot_prefix),
                         help='name of the snapshots this tool makes: '
                              'PREFIX-YYYYMMDDTHHMMSSZ (default: %(default)s)')
     parser.add_argument('--no-snapshot', action='store_true',
@@ -4759,6 +4918,12 @@ def _add_status_options(parser):
                              'node-exporter/planb-pvesync.prom')
 
 
+def _add_at_option(parser):
+    parser.add_argument('--at', metavar='SNAPSHOT',
+                        help='the restore point (default: the newest; '
+                             'list-restore-points lists them)')
+
+
 def _add_restore_options(parser):
     _add_transfer_options(parser)
     parser.add_argument('--volume', action='append', default=[], metavar='KEY|NAME',
@@ -4781,20 +4946,32 @@ def _add_restore_options(parser):
                              'or the first storage for templates on the node)')
 
 
-def _add_mount_options(parser, command):
-    if command == 'mount-restore-point':
-        parser.add_argument('--volume', metavar='KEY|NAME',
-                            help='the volume, by config key (scsi0, rootfs, mp0) or name '
-                                 '(default: the boot disk)')
-        parser.add_argument('--partition', type=int, metavar='N',
-                            help='the partition of a VM disk to mount (default: the one '
-                                 'with a file system)')
-        parser.add_argument('path', metavar='PATH', help='where to mount it (an empty '
-                                                         'directory, or a new one)')
-    else:
-        parser.add_argument('path', metavar='PATH', nargs='?', help='where it is mounted')
-        parser.add_argument('--all', action='store_true',
-                            help='every restore point mounted under --sync-zfs-root')
+def _add_mount_options(parser):
+    parser.add_argument('--volume', metavar='KEY|NAME',
+                        help='the volume, by config key (scsi0, rootfs, mp0) or name '
+                             '(default: the boot disk)')
+    parser.add_argument('--partition', type=int, metavar='N',
+                        help='the partition of a VM disk to mount (default: the one '
+                             'with a file system)')
+    parser.add_argument('path', metavar='PATH', help='where to mount it (an empty '
+                                                     'directory, or a new one)')
+
+
+def _add_unmount_options(parser):
+    parser.add_argument('path', metavar='PATH', nargs='?', help='where it is mounted')
+    parser.add_argument('--all', action='store_true',
+                        help='every restore point mounted under --sync-zfs-root')
+
+
+def _add_vmid_argument(parser):
+    parser.add_argument('vmid', metavar='VMID', type=_vmid,
+                        help="the guest's vmid (not its name, which may change)")
+
+
+def _add_filesystem_arguments(parser):
+    parser.add_argument('src', metavar='SRC', help='[USER@]HOST:POOL/DATASET or '
+                        'POOL/DATASET')
+    parser.add_argument('dst', metavar='DST', help='the local dataset to receive into')
 
 
 def _add_selection_options(parser):
@@ -4835,29 +5012,77 @@ def _positive_int(text):
     return int(text)
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: object                     # cmd_...(session) -> exit status
+    summary: str
+    synopsis: str                   # what its usage line shows after its name
+    options: tuple                  # the functions that add its options
+
+
+LISTING = (_add_config_options, _add_json_option)
+GUESTS = (_add_config_options, _add_guest_option, _add_selection_options)
+BACKUPS = (_add_config_options, _add_guest_option, _add_root_option)
+SELECTION = '[-g VMID|NAME] [--all|--pool POOL|--tag TAG] [--exclude VMID|NAME]'
 COMMANDS = {
-    'list-pve-hosts': (cmd_list_pve_hosts, 'list the nodes of the cluster'),
-    'list-pve-guests': (cmd_list_pve_guests, 'list the guests and their volumes'),
-    'list-pve-filestores': (cmd_list_pve_filestores, 'list the storages per node'),
-    'sync-pve-guest': (cmd_sync_pve_guest, "back up the guests' ZFS volumes"),
-    'sync-filesystem': (cmd_sync_filesystem, 'back up one dataset, without PVE'),
-    'status': (cmd_status, 'how old the newest backup of each volume is'),
-    'list-restore-points': (cmd_list_restore_points, "a guest's restore points"),
-    'restore-pve-guest': (cmd_restore_pve_guest,
-                          'bring a guest (or its disks) back from a restore point'),
-    'mount-restore-point': (cmd_mount_restore_point,
-                            "mount a restore point's volume read-only here"),
-    'unmount-restore-point': (cmd_unmount_restore_point,
-                              'undo mount-restore-point'),
-    'list-planb-filesets': (cmd_list_planb_filesets,
-                            'list the guests as PlanB filesets, with their transport_command'),
-    'planb-transport': (cmd_planb_transport,
-                        "back up one guest as a PlanB fileset's exec transport"),
+    'list-pve-hosts': Command(cmd_list_pve_hosts, 'list the nodes of the cluster', '', LISTING),
+    'list-pve-filestores': Command(cmd_list_pve_filestores, 'list the storages per node', '',
+                                   LISTING),
+    'list-pve-guests': Command(cmd_list_pve_guests, 'list the guests and their volumes',
+                               SELECTION, GUESTS + (_add_json_option,)),
+    'sync-pve-guest': Command(
+        cmd_sync_pve_guest, "back up the guests' ZFS volumes",
+        '-g VMID|NAME|--all|--pool POOL|--tag TAG --sync-zfs-root DEST',
+        GUESTS + (_add_root_option, _add_quiet_option, _add_sync_options, _add_jobs_options,
+                  _add_fsfreeze_option)),
+    'status': Command(
+        cmd_status, 'how old the newest backup of each volume is',
+        '[-g VMID|NAME|--all|--pool POOL|--tag TAG] --sync-zfs-root DEST [--max-age HOURS] '
+        '[--warn-age HOURS]',
+        GUESTS + (_add_root_option, _add_quiet_option, _add_json_option, _add_status_options)),
+    'sync-filesystem': Command(cmd_sync_filesystem, 'back up one dataset, without PVE',
+                               'SRC DST',
+                               (_add_quiet_option, _add_sync_options, _add_filesystem_arguments)),
+    'list-planb-filesets': Command(
+        cmd_list_planb_filesets, 'list the guests as PlanB filesets, with their '
+        'transport_command', SELECTION, GUESTS + (_add_json_option,)),
+    'planb-transport': Command(
+        cmd_planb_transport, "back up one guest as a PlanB fileset's exec transport", 'VMID',
+        (_add_config_options, _add_quiet_option, _add_planb_sync_options, _add_jobs_options,
+         _add_fsfreeze_option, _add_vmid_argument)),
+    'list-restore-points': Command(cmd_list_restore_points, "a guest's restore points",
+                                   '-g VMID|NAME --sync-zfs-root DEST',
+                                   BACKUPS + (_add_json_option,)),
+    'restore-pve-guest': Command(
+        cmd_restore_pve_guest, 'bring a guest (or its disks) back from a restore point',
+        '-g VMID|NAME --sync-zfs-root DEST [--at SNAPSHOT] [--node NODE] [--storage STORAGE] '
+        '[--vmid VMID]', BACKUPS + (_add_at_option, _add_restore_options)),
+    'mount-restore-point': Command(
+        cmd_mount_restore_point, "mount a restore point's volume read-only here",
+        '-g VMID|NAME --sync-zfs-root DEST [--at SNAPSHOT] [--volume KEY|NAME] [--partition N] '
+        'PATH', BACKUPS + (_add_at_option, _add_mount_options)),
+    'unmount-restore-point': Command(cmd_unmount_restore_point, 'undo mount-restore-point',
+                                     '--sync-zfs-root DEST PATH|--all',
+                                     (_add_root_option, _add_unmount_options)),
 }
+PRE_COMMAND_OPTIONS = (_add_config_options, _add_guest_option, _add_root_option,
+                       _add_verbose_options, _add_quiet_option)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """A usage error is one line, like every other error."""
+    """A usage error is one line, like every other error. Each parser keeps
+    what was added to it, for the man page (man/build.py) and for
+    parse_command_line."""
+
+    def __init__(self, *args, **kwargs):
+        self.added = []             # its options, in order
+        self.commands = {}          # name -> the parser of that command (build_parser)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.added.append(action)
+        return action
 
     def error(self, message):
         self.exit(EXIT_USAGE, '{0}: error: {1} (see {0} --help)\n'.format(self.prog, message))
@@ -4866,44 +5091,43 @@ class _ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog='planb-pvesync',
-        description='Back up the ZFS volumes of Proxmox VE guests to this host.')
+        description='Back up the ZFS volumes of Proxmox VE guests to this host. '
+                    'COMMAND --help shows what each command takes; man planb-pvesync '
+                    'tells the rest.')
     parser.add_argument('--version', action='version',
                         version='%(prog)s ' + __version__)
-    _add_common_options(parser, suppress=False)
+    for add in PRE_COMMAND_OPTIONS:
+        add(parser, suppress=False)
     commands = parser.add_subparsers(dest='command', title='commands')
-    for name, (func, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary,
-                                  aliases=['list-backups'] if name == 'status' else [])
-        _add_common_options(sub, suppress=True)
-        if name.startswith('list-') or name == 'status':
-            sub.add_argument('--json', action='store_true', help='print JSON')
-        if name in ('restore-pve-guest', 'mount-restore-point'):
-            sub.add_argument('--at', metavar='SNAPSHOT',
-                             help='the restore point (default: the newest; '
-                                  'list-restore-points lists them)')
-        if name == 'restore-pve-guest':
-            _add_restore_options(sub)
-        if name.endswith('mount-restore-point'):
-            _add_mount_options(sub, name)
-        if name in ('list-pve-guests', 'sync-pve-guest', 'status', 'list-planb-filesets'):
-            _add_selection_options(sub)
-        if name.startswith('sync-') or name == 'planb-transport':
-            _add_sync_options(sub, planb=name == 'planb-transport')
-        if name == 'status':
-            _add_status_options(sub)
-        if name in GUEST_SYNC_COMMANDS:
-            sub.add_argument('--fsfreeze', action='store_true',
-                             help='freeze the guest filesystems through the QEMU '
-                                  'guest agent around the snapshot')
-        if name == 'planb-transport':
-            sub.add_argument('vmid', metavar='VMID', type=_vmid,
-                             help="the guest's vmid (not its name, which may change)")
-        if name == 'sync-filesystem':
-            sub.add_argument('src', metavar='SRC', help='[USER@]HOST:POOL/DATASET or '
-                             'POOL/DATASET')
-            sub.add_argument('dst', metavar='DST', help='the local dataset to receive into')
-        sub.set_defaults(func=func)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(
+            name, help=command.summary, description=command.summary,
+            usage=' '.join(filter(None, ['%(prog)s', command.synopsis, '[OPTIONS]'])),
+            aliases=['list-backups'] if name == 'status' else [])
+        for add in command.options + (_add_verbose_options,):
+            add(sub)
+        sub.set_defaults(func=command.run, command_parser=sub)
+        parser.commands[name] = sub
     return parser
+
+
+def parse_command_line(parser: _ArgumentParser, argv=None):
+    """parser.parse_args(argv), where an option of other commands is refused as
+    such, before the command (planb-pvesync -g 106 list-pve-hosts) or after it."""
+    args, extras = parser.parse_known_args(argv)
+    sub = getattr(args, 'command_parser', None)
+    if sub is not None:
+        takes = {action.dest for action in sub.added}
+        for action in parser.added:
+            names = action.option_strings
+            if action.dest in takes | {'help', 'version'}:
+                continue
+            if (getattr(args, action.dest) != action.default
+                    or any(word.split('=', 1)[0] in names for word in extras)):
+                sub.error('{} is not an option of {}'.format('/'.join(names), args.command))
+    if extras:
+        (sub or parser).error('unrecognized arguments: ' + ' '.join(extras))
+    return args
 
 
 class _LogFormatter(logging.Formatter):
@@ -4940,7 +5164,7 @@ def handle_stop_signals():
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
         parser.error('give a command')

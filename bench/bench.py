@@ -710,7 +710,7 @@ def run_lab_cases(settings, results: Results):
     # Sparse files: room for the throughput zvols, the guests, and their three copies.
     lab_module.POOL_DISK_MIB.update(pve1=max(1024, 3 * size + 1024) + guests_mib, pve2=1024 + guests_mib,
                                     backup=max(2048, 2 * size + 2048) + 3 * guests_mib)
-    lab = Lab(settings.state_dir)
+    lab = Lab(settings.state_dir, image_dir=lab_module.build_image(bench=True))
     try:
         lab.start()
         log('lab up')

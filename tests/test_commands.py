@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from planb_pvesync import (
-    CommandError, Dataset, LocalHost, MissingPrograms, ResumeStep, SendStep, Snapshot, SshHost,
-    SshSettings, Stage, SyncJob, TransferOptions, build_transfer, delegated_permissions,
+    CommandError, Dataset, LocalHost, MissingPrograms, NotSetUp, ResumeStep, SendStep, Snapshot,
+    SshHost, SshSettings, Stage, SyncJob, TransferOptions, build_transfer, delegated_permissions,
     pipeline_text, receive_options, recv_args, remote_command, run_pipeline, send_args,
+    setup_problem,
     transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,3 +332,47 @@ def test_a_stop_signal_ends_the_pipelines_of_every_thread(signum):
     assert run.returncode == 128 + signum
     assert out.count('lane stopped') == 2     # two threads print: lines may interleave
     assert processes(session=run.pid) == {}
+
+
+@pytest.mark.parametrize('failure, says', [
+    (('zfs list', 1, 'sudo: a password is required'),
+     'planb may not run zfs with sudo on this host (backup): sudo: a password is required; '
+     'add the line "planb ALL=(root) NOPASSWD: /usr/sbin/zfs" in '
+     '/etc/sudoers.d/planb-pvesync (visudo -f /etc/sudoers.d/planb-pvesync); nothing was done'),
+    (('zfs list', 1, 'Sorry, try again.\nsudo: planb is not in the sudoers file.'),
+     'planb may not run zfs with sudo on this host (backup): sudo: planb is not in the'),
+    (('zfs list', 127, 'zfs: No such file or directory'),
+     'zfs is not installed on this host (backup), where the backups are kept; install OpenZFS'),
+    (('zfs list', 1, 'sudo: zfs: command not found'),
+     'zfs is not installed on this host (backup)'),
+    (('zfs list', 127, 'sudo: No such file or directory'),
+     'sudo is not installed on this host (backup); install it (apt-get install sudo), then '
+     'add the line "planb ALL=(root) NOPASSWD: /usr/sbin/zfs"'),
+])
+def test_a_host_without_zfs_or_its_sudo_rule_is_named_with_the_fix(failure, says):
+    assert says in setup_problem(failure, 'planb', 'backup', '/usr/sbin/zfs')
+
+
+@pytest.mark.parametrize('err', ['sudo: a password is required',
+                                 'sudo: No such file or directory'])
+def test_sudo_refusing_a_zfs_that_is_not_there_is_no_zfs(err):
+    """sudo -n says a password is required for a program it does not find."""
+    assert setup_problem(('zfs list', 1, err), 'planb', 'backup', None).startswith(
+        'zfs is not installed on this host (backup)')
+
+
+@pytest.mark.parametrize('err', ["cannot open 'tank/x': dataset does not exist",
+                                 'internal error: out of memory', ''])
+def test_other_failures_are_no_setup_problem(err):
+    assert setup_problem(('zfs list', 1, err), 'planb', 'backup', '/usr/sbin/zfs') is None
+
+
+def test_a_local_zfs_list_without_zfs_cannot_start(monkeypatch):
+    """This machine has no zfs: as root the exec fails, as anyone else sudo
+    -n refuses or finds none; either way NotSetUp, exit 3."""
+    monkeypatch.setenv('PATH', '/nonexistent')
+    host = LocalHost()
+    host.sudo = []
+    with pytest.raises(NotSetUp) as exc:
+        host.run(host.zfs('list', '-H', 'tank'))
+    assert exc.value.exit_code == 3 and 'zfs is not installed on this host' in str(exc.value)

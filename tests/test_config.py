@@ -105,7 +105,13 @@ ssh_options=-o Compression=no
     ('[pve:c]\napi=https://u@pve:p@h\nfingerprint=AB:CD\n', ['SHA-256']),
     ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=maybe\n', ['yes or no']),
     ('[pve:c]\napi=https://u@pve:p@h\nverify_ssl=no\nca_file=/x\n', ['choose one']),
-    ('[pve:c]\napi=https://u@pve:p@h\n[pve:c]\napi=https://u@pve:p@h\n', ['already exists']),
+    ('[pve:c]\napi=https://u@pve:p@h\n[pve:c]\napi=https://u@pve:p@h\n',
+     ['line 3: a second [pve:c] section']),
+    ('api=https://x\n', ['line 1 (api=https://x) comes before any section',
+                         'starts with a section line, [pve:CLUSTER]']),
+    ('[pve:c]\napi=https://u@pve:p@h\napi=https://u@pve:p@h2\n', ['line 3: [pve:c] has api= twice']),
+    ('[pve:c]\napi=https://u@pve:p@h\nssh user planb\n',
+     ['line 3 (ssh user planb) is no KEY=VALUE line']),
     ('[pve:c]\napi=https://u@pve:p@h:99999x\n', ['api= has a bad host']),
     ('[pve:c]\napi=https://u@pve:p@h\nfailover=pve2/x\n', ['failover= has a bad host']),
     ('[storage:x:local]\nssh=a@b\n', ["cluster 'x'"]),
@@ -131,8 +137,9 @@ def test_cluster_choice():
         two.cluster(None)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match='cannot read config'):
+def test_missing_file_points_to_the_man_page(tmp_path):
+    with pytest.raises(ConfigError, match='cannot read config: No such file or directory; '
+                       'write one as man planb-pvesync shows under CONFIGURATION'):
         load_config(str(tmp_path / 'nope'))
 
 

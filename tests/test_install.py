@@ -1,12 +1,15 @@
-"""Installing and scheduling as README.rst says. The commands of its Install
-section run as root on this machine, then the installed command runs as user
-planb against the PVE API double; the units of contrib/systemd are checked
-with systemd-analyze.
+"""Installing, scheduling and uninstalling as README.rst says. The commands
+of its Install section run as root on this machine, then the installed
+command runs as user planb against the PVE API double, and its man page
+opens; the units of contrib/systemd are checked with systemd-analyze; last,
+the commands of its Uninstall section run, and leave nothing behind.
 
 That changes the machine (Debian packages, /opt/planb-pvesync,
-/usr/local/bin/planb-pvesync, the user planb), so it runs in CI (CI=true,
-where a skip is a failure) and elsewhere only with PLANB_TEST_INSTALL=1.
-Checking the units' command lines needs none of it and always runs."""
+/usr/local/bin/planb-pvesync, the man page, the user planb), so it runs in CI
+(CI=true, where a skip is a failure) and elsewhere only with
+PLANB_TEST_INSTALL=1. Checking the units' command lines needs none of it and
+always runs."""
+import grp
 import os
 import pwd
 import re
@@ -55,6 +58,23 @@ def install_commands():
 
 def upgrade_commands():
     return next(b for b in readme_blocks('Install') if b.startswith('git pull'))
+
+
+def uninstall_commands():
+    return next(b for b in readme_blocks('Uninstall') if 'rm -rf /opt/planb-pvesync' in b)
+
+
+# Where an install of the tool leaves anything (the Debian packages aside).
+INSTALL_ROOTS = ('/etc', '/opt', '/usr/local', '/var/lib', '/run/lock')
+
+
+def traces():
+    """What of planb-pvesync and its user is on this machine."""
+    found = subprocess.run(['find', *INSTALL_ROOTS, '-xdev', '-iname', '*planb*'],
+                           capture_output=True, text=True).stdout.split()
+    users = [name for name in (USER,) if name in {u.pw_name for u in pwd.getpwall()}]
+    groups = [name for name in (USER,) if name in {g.gr_name for g in grp.getgrall()}]
+    return sorted(found), users, groups
 
 
 def git(cwd, *args):
@@ -106,8 +126,9 @@ def checkout(tmp_path_factory):
     if os.geteuid() != 0:
         (pytest.fail if in_ci else pytest.skip)('the install commands run as root')
     origin, checkout = clone_of_this_tree(tmp_path_factory.mktemp('install'))
+    before = traces()
     run_as_root(install_commands(), checkout)
-    return origin, checkout
+    return origin, checkout, before
 
 
 @pytest.fixture
@@ -165,8 +186,17 @@ def test_systemd_accepts_the_units(checkout, unit):
     assert (result.returncode, result.stdout + result.stderr) == (0, '')
 
 
+def test_the_man_page_opens(checkout):
+    code, out, err = as_planb('MANPAGER=cat MANWIDTH=80 man planb-pvesync')
+    assert (code, err) == (0, '')
+    for heading in ('SYNOPSIS', 'COMMANDS', 'OPTIONS', 'CONFIGURATION', 'EXIT STATUS',
+                    'DIAGNOSTICS', 'FILES', 'EXAMPLES'):
+        assert '\n' + heading + '\n' in out
+    assert 'planb-pvesync sync-pve-guest -g VMID|NAME' in out
+
+
 def test_upgrade_installs_what_git_pull_brings(checkout):
-    origin, clone = checkout
+    origin, clone, _ = checkout
     with open(origin / 'planb_pvesync.py', 'a') as fp:
         fp.write(UPGRADE_MARK)
     git(origin, 'commit', '-q', '-a', '-m', 'a change, the version unchanged')
@@ -200,3 +230,12 @@ def test_services_run_the_installed_command_with_options_it_takes(service, comma
     assert argv[0] == INSTALLED
     args = planb_pvesync.build_parser().parse_args(argv[1:])
     assert (args.command, args.sync_zfs_root) == (command, 'tank/enc')
+
+
+def test_uninstall_leaves_nothing_behind(checkout):
+    """Last in this file: after it, nothing is installed. (The backups, which
+    the README's uninstall leaves, are on ZFS, which this machine has not.)"""
+    _, clone, before = checkout
+    assert traces() != before
+    run_as_root(uninstall_commands(), clone)
+    assert traces() == before

@@ -77,11 +77,11 @@ def test_intermediate_and_foreign_snapshots_with_hostile_names(lab):
     lab.pve1.zfs(shlex.join(['snapshot', src + '@daily 2026-11-25 01:00']))
     lab.pve1.write_random(src, 1)
     lab.pve1.zfs(shlex.join(['snapshot', src + '@before upgrade: v2.1']))
-    tool(lab, 'sync-filesystem', '--snapshot-prefix', 'nightly x:y',
+    tool(lab, 'sync-filesystem', '--snapshot-prefix', 'nightly.x:y',
          'planb@pve1:' + src, dst, check=0)
     names = snapshots(lab.backup, dst)
     assert names[:2] == ['daily 2026-11-25 01:00', 'before upgrade: v2.1']
-    assert re.fullmatch(r'nightly x:y-\d{8}T\d{6}Z', names[2])
+    assert re.fullmatch(r'nightly\.x:y-\d{8}T\d{6}Z', names[2])
     assert snapshots(lab.pve1, src) == names    # foreign snapshots stay on the source
     assert_same_volume(lab, src, dst)
 

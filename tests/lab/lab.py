@@ -31,7 +31,7 @@ DEFAULT_STATE_DIR = Path('/var/tmp/planb-pvesync-lab')
 TOOL_DIR = '/opt/planb-pvesync'
 TOOL_WRAPPER = '/usr/local/bin/planb-pvesync'
 HOST_KEY_ALIAS = 'planb-lab'  # the name build-image gives the shared host key in known_hosts
-BOOT_TIMEOUT = 180
+BOOT_TIMEOUT = int(os.environ.get('PLANB_LAB_BOOT_TIMEOUT', 180))   # seconds; more on a busy machine
 MEMORY_MIB = 1024
 SMP = 1
 
@@ -41,9 +41,11 @@ POOL_DISK_MIB = {'pve1': 512, 'pve2': 512, 'backup': 1024}
 HOST_NAMES = ('backup', 'pve1', 'pve2')  # backup first: its link sockets listen
 
 
-def build_image():
-    """Build the VM image unless it is cached; return its directory."""
-    result = subprocess.run([str(BUILD_IMAGE)], stdout=subprocess.PIPE, text=True, check=True)
+def build_image(bench=False):
+    """Build the VM image unless it is cached; return its directory. With `bench`,
+    the image that also has the peers of make bench."""
+    result = subprocess.run([str(BUILD_IMAGE), *(['--bench'] if bench else [])],
+                            stdout=subprocess.PIPE, text=True, check=True)
     return Path(result.stdout.strip().splitlines()[-1])
 
 

@@ -280,7 +280,7 @@ def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return ('line {} ({}) comes before any section; the file starts with a section '
                 'line, [pve:CLUSTER], e.g. [pve:mycluster], and its keys follow it'.format(
-                    exc.lineno, lines[exc.lineno - 1].strip()))
+                    exc.lineno, _shown_line(lines[exc.lineno - 1])))
     if isinstance(exc, configparser.DuplicateSectionError):
         return 'line {}: a second [{}] section; keep one'.format(exc.lineno, exc.section)
     if isinstance(exc, configparser.DuplicateOptionError):
@@ -289,8 +289,21 @@ def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str
     if isinstance(exc, configparser.ParsingError):
         lineno = exc.errors[0][0]
         return 'line {} ({}) is no KEY=VALUE line and no [SECTION] line'.format(
-            lineno, lines[lineno - 1].strip())
+            lineno, _shown_line(lines[lineno - 1]))
     return ' '.join(str(exc).split())
+
+
+def _shown_line(line: str) -> str:
+    """A line of the config as a message shows it: the value of password=
+    and token= as ***, and the password in api='s URL."""
+    line = line.strip()
+    key = re.match(r'[^=:\s]*', line).group()
+    value = line[len(key):].lstrip(' \t=:')
+    if key.lower() in SECRET_KEYS and value:
+        return line[:len(line) - len(value)] + '***'
+    if key.lower() == 'api' and value:
+        return line[:len(line) - len(value)] + _without_password(value)
+    return line
 
 
 def load_config(path: str) -> Config:

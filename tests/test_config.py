@@ -167,3 +167,15 @@ def test_no_message_shows_the_password(url):
     assert 'must start with https://' in str(exc.value)
     assert 'SECRET' not in str(exc.value) and 'CR' not in str(exc.value)
     assert ':***@pve1' in str(exc.value)
+
+
+@pytest.mark.parametrize('text, shown', [
+    ('password=SECRET\n[pve:c]\n', 'line 1 (password=***) comes before any section'),
+    ('api=https://planb@pve:SECRET@pve1\n', 'line 1 (api=https://planb@pve:***@pve1) comes'),
+    ('[pve:c]\napi=https://u@pve:p@h\npassword SECRET\n', 'line 3 (password ***) is no KEY='),
+    ('[pve:c]\napi=https://u@pve:p@h\ntoken SECRET\n', 'line 3 (token ***) is no KEY='),
+])
+def test_a_line_a_message_shows_shows_no_password(text, shown):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, 'rc')
+    assert shown in str(exc.value) and 'SECRET' not in str(exc.value)

@@ -183,9 +183,10 @@ def test_sixty_forged_snapshot_names_age_out_no_genuine_backup(hostile):
         src, snapshot_name('planb', days[-1]))], stdout=subprocess.PIPE)
     subprocess.run(lab.backup.ssh_argv() + ['zfs recv -u ' + dst], stdin=send.stdout, check=True)
     assert send.wait() == 0
-    lab.backup.run('; '.join('zfs set planb-pvesync:received={} {}@{}'.format(
-        time.strftime(RECEIPT_TIME, time.gmtime(when + 60)), dst, snapshot_name('planb', when))
-        for when in days))
+    receipts = ''.join('zfs.sync.set_prop("{}@{}", "planb-pvesync:received", "{}")\n'.format(
+        dst, snapshot_name('planb', when), time.strftime(RECEIPT_TIME, time.gmtime(when + 60)))
+        for when in days)      # one channel program, not 60 commands
+    lab.backup.run('cat > /tmp/receipts.lua && zfs program tank /tmp/receipts.lua', input=receipts)
     genuine = snapshots(lab.backup, dst)
     forged = [snapshot_name('planb', now - now % 86400 - k * 86400) for k in range(1, 61)]
     lab.pve1.run('; '.join('zfs snapshot {}@{}'.format(src, name) for name in forged))

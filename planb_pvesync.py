@@ -19,8 +19,10 @@ import datetime
 import errno
 import fcntl
 import functools
+import grp
 import gzip
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -279,7 +281,7 @@ def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return ('line {} ({}) comes before any section; the file starts with a section '
                 'line, [pve:CLUSTER], e.g. [pve:mycluster], and its keys follow it'.format(
-                    exc.lineno, lines[exc.lineno - 1].strip()))
+                    exc.lineno, _shown_line(lines[exc.lineno - 1])))
     if isinstance(exc, configparser.DuplicateSectionError):
         return 'line {}: a second [{}] section; keep one'.format(exc.lineno, exc.section)
     if isinstance(exc, configparser.DuplicateOptionError):
@@ -288,8 +290,21 @@ def _config_syntax_problem(exc: configparser.Error, lines: Sequence[str]) -> str
     if isinstance(exc, configparser.ParsingError):
         lineno = exc.errors[0][0]
         return 'line {} ({}) is no KEY=VALUE line and no [SECTION] line'.format(
-            lineno, lines[lineno - 1].strip())
+            lineno, _shown_line(lines[lineno - 1]))
     return ' '.join(str(exc).split())
+
+
+def _shown_line(line: str) -> str:
+    """A line of the config as a message shows it: the value of password=
+    and token= as ***, and the password in api='s URL."""
+    line = line.strip()
+    key = re.match(r'[^=:\s]*', line).group()
+    value = line[len(key):].lstrip(' \t=:')
+    if key.lower() in SECRET_KEYS and value:
+        return line[:len(line) - len(value)] + '***'
+    if key.lower() == 'api' and value:
+        return line[:len(line) - len(value)] + _without_password(value)
+    return line
 
 
 def load_config(path: str) -> Config:
@@ -303,14 +318,14 @@ def load_config(path: str) -> Config:
                           'shows under CONFIGURATION, or name another with -f'.format(
                               path, exc.strerror))
     config = parse_config(text, path)
-    if mode & (stat.S_IRWXG | stat.S_IRWXO) and _holds_secrets(config):
-        log.warning('%s holds a password or token and others can read it; '
-                    'run: chmod 600 %s', path, path)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # It holds a password or token; and whoever may write it chooses
+        # what the tool runs (ssh_options=).
+        raise ConfigError('{}: users other than its owner may read or change it (mode '
+                          '{:04o}), and it holds the API\'s password or token; nothing was '
+                          'done; run: chmod 600 {}'.format(
+                              path, stat.S_IMODE(mode), shlex.quote(filename)))
     return config
-
-
-def _holds_secrets(config: Config) -> bool:
-    return any(c.password or c.token_secret for c in config.clusters.values())
 
 
 def _check_keys(where, items, allowed):
@@ -356,7 +371,8 @@ def _parse_cluster(where, name, items) -> ClusterConfig:
 def parse_api_url(where: str, url: str) -> dict:
     """https://[USER@REALM[:PASSWORD]@]HOST[:PORT] -> dict of ClusterConfig fields."""
     if not url.startswith('https://'):
-        raise ConfigError('{}: api={!r} must start with https://'.format(where, url))
+        raise ConfigError('{}: api={!r} must start with https://'.format(
+            where, _without_password(url)))
     rest = url[len('https://'):].rstrip('/')
     userinfo, at, hostport = rest.rpartition('@')
     fields = {}
@@ -379,6 +395,16 @@ def parse_api_url(where: str, url: str) -> dict:
     host, port = _split_host_port(where, 'api', hostport)
     fields.update(host=host, port=port)
     return fields
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its USER@REALM:PASSWORD@ part as ***."""
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+        scheme, rest = '', url
+    userinfo, at, hostport = rest.rpartition('@')
+    user, colon, _ = userinfo.partition(':')
+    return scheme + sep + (user + colon + '***' if colon else user) + at + hostport
 
 
 def _split_host_port(where, key, hostport, default_port=DEFAULT_API_PORT):
@@ -501,6 +527,43 @@ def _parse_bool(where, key, value):
 # PVE discovery (the only code that talks to the cluster's API)
 # ==============================================================================
 
+# The formats of the names PVE gives (pve-common's JSONSchema: pve-node,
+# pve-vmid, dns-name, pve-storage-id; a zfspool volume as ZFSPoolPlugin names
+# it), and of ZFS's dataset names (a storage's pool, and every name a zfs
+# list answers). What the API or a node says is checked against them before
+# it goes into a path, a command or a listing.
+PVE_NODE = re.compile(r'[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?')
+PVE_VMID = re.compile(r'[1-9][0-9]{2,8}')
+DNS_NAME = re.compile(r'({0}\.)*{0}'.format(PVE_NODE.pattern))
+PVE_STORAGE_ID = re.compile(r'[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]')
+PVE_ZFS_VOLUME = re.compile(r'((base|basevol)-[0-9]+-[^\s/]+/)?'
+                            r'(vm|base|subvol|basevol)-[0-9]+-[^\s/]+')
+ZFS_COMPONENT = re.compile(r'[A-Za-z0-9_.: -]+')
+ZFS_MAX_NAME = 255
+
+
+def is_zfs_name(name: str, marks: str = '') -> bool:
+    """Whether `name` is a dataset name as ZFS allows it (a pool, then its
+    children); with `marks` '@#', also a snapshot's or a bookmark's."""
+    base, mark, short = name, '', ''
+    for char in marks:
+        if char in name:
+            base, mark, short = name.partition(char)
+            break
+    parts = base.split('/') + ([short] if mark else [])
+    return (len(name) <= ZFS_MAX_NAME and base[:1].isascii() and base[:1].isalpha()
+            and all(ZFS_COMPONENT.fullmatch(part) and part not in ('.', '..') for part in parts))
+
+
+def _pve_name(what: str, value, pattern) -> str:
+    """`value` as a string, if PVE could have given it; else a PveError."""
+    text = str(value)
+    if not pattern.fullmatch(text):
+        raise PveError('the API answered {} {!r}, which is no name PVE gives; nothing '
+                       'was done (is that the cluster\'s API?)'.format(what, text))
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class PveNode:
     name: str
@@ -590,16 +653,31 @@ def parse_guest_volumes(guest_type: str, config: dict,
             continue    # an empty drive, a cdrom, a bind mount or a device
         storage = storages.get(storage_id)
         dataset = None
+        skip = _skip_reason(guest_type, key, opts, storage)
         if storage and storage.type == 'zfspool' and storage.pool:
             dataset = '{}/{}'.format(storage.pool, volume.rsplit('/', 1)[-1])
+            if skip is None:
+                _check_zfs_volume(key, storage, volume, dataset)
         volumes.append(PveVolume(
             key=key, storage=storage_id, volume=volume,
-            storage_type=storage.type if storage else None, dataset=dataset,
-            skip=_skip_reason(guest_type, key, opts, storage)))
+            storage_type=storage.type if storage else None, dataset=dataset, skip=skip))
     boot_key = next((k for k in boot_keys if any(v.key == k for v in volumes)), None)
     volumes = [dataclasses.replace(v, boot=True) if v.key == boot_key else v
                for v in volumes]
     return tuple(sorted(volumes, key=lambda v: (not v.boot, _natural_key(v.key))))
+
+
+def _check_zfs_volume(key, storage, volume, dataset):
+    """ValueError unless `volume` on `storage` is named as PVE names the
+    volumes of a zfspool storage, in a pool that ZFS could have."""
+    if not PVE_ZFS_VOLUME.fullmatch(volume):
+        raise ValueError('{} names the volume {!r} on {}, which is no name PVE gives a ZFS '
+                         'volume; no volume of it is backed up'.format(
+                             key, volume, storage.storage))
+    if not is_zfs_name(dataset):
+        raise ValueError('storage {} has the pool {!r}, which is no ZFS dataset name; no '
+                         'volume of it is backed up; check pool= in PVE\'s storage.cfg'.format(
+                             storage.storage, storage.pool))
 
 
 def _split_drive(value):
@@ -989,12 +1067,12 @@ def read_cluster(api: PveApi, name: str) -> PveCluster:
     resources = api.get('cluster/resources')
     storage_cfg = api.get('storage')
     status = api.get('cluster/status')
-    ips = {item['name']: item.get('ip') for item in status if item['type'] == 'node'}
+    ips = {item['name']: _node_ip(item) for item in status if item['type'] == 'node'}
     nodes = {}
     for item in resources:
         if item['type'] == 'node':
-            nodes[item['node']] = PveNode(item['node'], item.get('status') == 'online',
-                                          ips.get(item['node']))
+            node = _pve_name('node name', item['node'], PVE_NODE)
+            nodes[node] = PveNode(node, item.get('status') == 'online', ips.get(node))
     storages = {item['storage']: _parse_storage_entry(item) for item in storage_cfg}
     guests = tuple(sorted(
         (_parse_guest_entry(item) for item in resources
@@ -1003,22 +1081,44 @@ def read_cluster(api: PveApi, name: str) -> PveCluster:
     return PveCluster(name, dict(sorted(nodes.items())), storages, guests)
 
 
+def _node_ip(item) -> Optional[str]:
+    """The address /cluster/status gives a node, if it is an IP address."""
+    ip = item.get('ip')
+    if ip is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise PveError('the API answered node {!r} the address {!r}, which is no IP '
+                           'address; nothing was done'.format(item.get('name'), ip))
+    return ip
+
+
 def _parse_storage_entry(item) -> PveStorage:
     nodes = item.get('nodes')
     return PveStorage(
-        storage=item['storage'], type=item['type'],
+        storage=_pve_name('storage', item['storage'], PVE_STORAGE_ID), type=item['type'],
         enabled=not int(item.get('disable', 0)),
         path=item.get('path'), pool=item.get('pool'),
-        nodes=frozenset(n.strip() for n in nodes.split(',')) if nodes else None,
+        nodes=frozenset(_pve_name('node name', n.strip(), PVE_NODE)
+                        for n in nodes.split(',')) if nodes else None,
         content=frozenset(c.strip() for c in item.get('content', '').split(',') if c.strip()))
 
 
 def _parse_guest_entry(item) -> PveGuest:
+    """A guest of /cluster/resources. A name PVE would not give (a DNS name,
+    or 'VM VMID' for a VM without one: no '/', no newline, no '_' of the
+    tool's own _restore) is not used: the guest is listed by its vmid, with a
+    note, and is not backed up."""
+    name, note = item.get('name'), None
+    if name is not None and not (DNS_NAME.fullmatch(name) or name == 'VM {}'.format(item['vmid'])):
+        name, note = None, ('its name {!r} is no name PVE gives (a DNS name), so it is not '
+                            'backed up; is that the cluster\'s API?'.format(name))
     return PveGuest(
-        vmid=int(item['vmid']), type=item['type'], name=item.get('name'),
-        node=item['node'], status=item.get('status', 'unknown'),
+        vmid=int(_pve_name('vmid', item['vmid'], PVE_VMID)), type=item['type'], name=name,
+        node=_pve_name('node name', item['node'], PVE_NODE),
+        status=item.get('status', 'unknown'),
         template=bool(int(item.get('template', 0))), pool=item.get('pool'),
-        tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t))
+        tags=tuple(t for t in re.split(r'[;, ]', item.get('tags', '')) if t), note=note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1087,6 +1187,8 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
     """The guests with their volumes: one config call per guest, concurrently."""
     def read_one(guest):
         node = cluster.nodes.get(guest.node)
+        if guest.note:
+            return guest
         if node is not None and not node.online:
             return dataclasses.replace(
                 guest, note='node {} is offline'.format(guest.node))
@@ -1099,9 +1201,12 @@ def read_guest_volumes(api: PveApi, cluster: PveCluster,
                                'calls (migrated or deleted); run again'.format(
                                    guest.vmid, guest.label, guest.node))
             raise
+        try:
+            volumes = parse_guest_volumes(guest.type, config, cluster.storages)
+        except ValueError as exc:
+            return dataclasses.replace(guest, note=str(exc))
         return dataclasses.replace(
-            guest, agent=_agent_enabled(config.get('agent')), config=config,
-            volumes=parse_guest_volumes(guest.type, config, cluster.storages))
+            guest, agent=_agent_enabled(config.get('agent')), config=config, volumes=volumes)
 
     with ThreadPoolExecutor(max_workers=CONFIG_WORKERS) as pool:
         return tuple(pool.map(read_one, guests))
@@ -1341,6 +1446,7 @@ def _read_tail(errors, limit=4000) -> str:
 class Host:
     """Where commands run; subclasses say how (`stages`)."""
     sudo: List[str]             # set by each subclass
+    may_set: Optional[frozenset] = None     # the properties zfs may set; None: all
 
     def zfs(self, *args: str) -> List[str]:
         return self.sudo + ['zfs', *args]
@@ -1363,12 +1469,15 @@ class Host:
 
 
 class LocalHost(Host):
-    """This machine. Commands run without a shell."""
+    """This machine. Commands run without a shell; zfs with sudo, unless as
+    root or with `may_set`: the zfs permissions this user holds by
+    delegation (zfs allow), and then without."""
     name = 'localhost'
     is_remote = False
 
-    def __init__(self):
-        self.sudo = [] if os.geteuid() == 0 else ['sudo', '-n']
+    def __init__(self, may_set: Optional[Collection[str]] = None):
+        self.may_set = None if may_set is None else frozenset(may_set)
+        self.sudo = [] if os.geteuid() == 0 or may_set is not None else ['sudo', '-n']
 
     def stages(self, cmds: Sequence[Sequence[str]], needs: Sequence[str] = ()) -> List[Stage]:
         """The local process stages that run `cmds` piped into each other."""
@@ -1543,10 +1652,20 @@ RECORDED_KEYS = ('cluster', 'node', 'storage', 'volume', 'vmid', 'source', 'rest
 # Who made a snapshot: the guid of the PlanB install, as PlanB's own zfssync
 # marks its snapshots (planb-transport, with SyncOptions.owner).
 OWNER_PROPERTY = 'planb:owner'
+# The receipt: when this host received a snapshot (its own clock, UTC, as
+# RECEIPT_TIME), and from which node. This host sets it on each snapshot it
+# receives, right after the receive, and reads only the value it set itself
+# (zfs get -s local): a stream's snapshots may bring values of their own.
+# Retention ages a backup by it, never by a name or creation time a node gave.
+RECEIVED = PROPERTY_PREFIX + 'received'
+RECEIVED_FROM = PROPERTY_PREFIX + 'received-from'
+RECEIPT_TIME = '%Y-%m-%dT%H:%M:%SZ'
 ZFS_LIST_PROPS = ('name', 'type', 'guid', 'createtxg', 'creation', 'written',
                   'logicalreferenced', 'used', 'encryption', 'keystatus', 'encryptionroot',
                   'receive_resume_token', 'clones',
                   *(PROPERTY_PREFIX + key for key in RECORDED_KEYS), OWNER_PROPERTY)
+# Each type zfs lists, and the mark in the name of one.
+ZFS_TYPES = {'filesystem': '', 'volume': '', 'snapshot': '@', 'bookmark': '#'}
 # PVE's own short-lived snapshots: replication, migration and vzdump; PVE
 # deletes them by itself, so they are no base to build on.
 TRANSIENT_SNAPSHOT = re.compile(r'__.*|vzdump')
@@ -1563,6 +1682,7 @@ class Snapshot:
     bookmark: bool = False
     cloned: bool = False            # a clone depends on it (a mounted restore point)
     owner: Optional[str] = None     # OWNER_PROPERTY; bookmarks have none
+    received: Optional[int] = None  # its receipt (RECEIVED, with_receipts), in epoch seconds
 
     @property
     def ref(self) -> str:
@@ -1590,11 +1710,15 @@ def zfs_list_args(datasets: Sequence[str], depth: int = 1) -> List[str]:
 
 
 def parse_zfs_list(text: str) -> Dict[str, Dataset]:
-    """`zfs list -H -p -o ZFS_LIST_PROPS` output -> datasets by name."""
+    """`zfs list -H -p -o ZFS_LIST_PROPS` output -> datasets by name. A line
+    that ZFS would not print (a node's answer is a stranger's) is a
+    ValueError that names it."""
     fields, points = {}, {}
     for line in text.splitlines():
         row = dict(zip(ZFS_LIST_PROPS, line.split('\t')))
         name = row['name']
+        if not _listed_as_zfs_lists(line, row):
+            raise ValueError('a line that is no zfs list of ZFS\'s: {!r}'.format(line[:200]))
         if row['type'] in ('snapshot', 'bookmark'):
             parent, _, short = re.split(r'([@#])', name, maxsplit=1)
             points.setdefault(parent, []).append(Snapshot(
@@ -1618,6 +1742,17 @@ def parse_zfs_list(text: str) -> Dict[str, Dataset]:
         for name, f in fields.items()}
 
 
+def _listed_as_zfs_lists(line, row) -> bool:
+    """Whether a line of parse_zfs_list could come from zfs itself: every
+    column, a known type, a name ZFS allows and of that type, numbers."""
+    if line.count('\t') != len(ZFS_LIST_PROPS) - 1 or row['type'] not in ZFS_TYPES:
+        return False
+    name = row['name']
+    mark = next((char for char in '@#' if char in name), '')
+    return (mark == ZFS_TYPES[row['type']] and is_zfs_name(name, '@#')
+            and row['guid'].isdigit() and row['createtxg'].isdigit())
+
+
 def up_to(dataset: Dataset, name: Optional[str]) -> Dataset:
     """`dataset` as it was at its snapshot `name`: what came later left out
     (None: all of it)."""
@@ -1636,6 +1771,27 @@ def learn_guids(src: Dataset, dst: Optional[Dataset]) -> Dataset:
         dataclasses.replace(s, guid=received[s.name])
         if s.guid == 0 and s.name in received else s
         for s in src.snapshots))
+
+
+def parse_receipts(text: str) -> Dict[str, int]:
+    """`zfs get -H -p -s local -o name,value RECEIVED` output -> seconds since
+    the epoch by snapshot (DATASET@NAME); a value that is no RECEIPT_TIME is
+    no receipt."""
+    receipts = {}
+    for line in text.splitlines():
+        name, _, value = line.partition('\t')
+        try:
+            receipts[name] = calendar.timegm(time.strptime(value, RECEIPT_TIME))
+        except ValueError:
+            continue
+    return receipts
+
+
+def with_receipts(dataset: Dataset, receipts: Dict[str, int]) -> Dataset:
+    """`dataset` with the receipt of each of its snapshots (parse_receipts)."""
+    return dataclasses.replace(dataset, snapshots=tuple(
+        dataclasses.replace(s, received=receipts.get(dataset.name + s.ref))
+        if not s.bookmark else s for s in dataset.snapshots))
 
 
 def _int(text):
@@ -1752,6 +1908,11 @@ def _incremental_steps(points, base, newest, intermediates):
                      estimate=_written_between(snapshots, base, newest))]
 
 
+def later_snapshots(dataset: Dataset, snapshot: Snapshot) -> List[Snapshot]:
+    """The snapshots of `dataset` after `snapshot`: what a rollback to it destroys."""
+    return [s for s in dataset.snapshots if not s.bookmark and s.createtxg > snapshot.createtxg]
+
+
 def newest_common_guid(src: Dataset, dst: Optional[Dataset]) -> Optional[int]:
     """The guid of the newest snapshot both sides have: the next run's base."""
     on_dst = {s.guid for s in (dst.snapshots if dst else ()) if not s.bookmark}
@@ -1830,6 +1991,10 @@ KEEP_PERIODS = ('all', 'hourly', 'daily', 'weekly', 'monthly', 'yearly')
 AGE_UNITS = {'y': 365 * 86400, 'm': 30 * 86400, 'w': 7 * 86400, 'd': 86400, 'h': 3600}
 KEEP_RULE_PATTERN = re.compile(r'({}):([1-9][0-9]*)([{}])'.format(
     '|'.join(KEEP_PERIODS), ''.join(AGE_UNITS)))
+# A name snapshot_name() made tells when this host asked for the snapshot;
+# its creation, when the node made it: a freeze, a slow node or a clock a
+# little off keeps them apart by far less than this.
+NAME_TIME_SLACK = 3600
 KEEP_SCHEDULE_HELP = (
     'PERIOD:AGE with PERIOD all, hourly, daily, weekly, monthly or yearly and '
     'AGE like 36h, 14d, 8w, 6m, 2y (e.g. all:2d,daily:2w,weekly:3m,monthly:1y)')
@@ -1890,28 +2055,60 @@ def _format_age(seconds):
 def thin_snapshots(snapshots: Sequence[Snapshot], rules: Sequence[KeepRule], now: int,
                    prefix: str, protect: Collection[int] = (),
                    foreign: bool = False) -> List[Snapshot]:
-    """The backup's snapshots to destroy, oldest first: those no rule keeps.
+    """The backup's snapshots to destroy, oldest first: those no rule keeps,
+    each aged as retention_ages says.
 
     Never the newest, a protected one (by guid), one a clone depends on (a
-    mounted restore point) or a bookmark; others' snapshots only with
-    `foreign`, going by their `creation`. Because a period rule keeps
-    the oldest snapshot of each bucket, thinning the survivors again at the same
+    mounted restore point), a bookmark, or one retention_ages does not count;
+    others' snapshots only with `foreign`. Because a period rule keeps the
+    oldest snapshot of each bucket, thinning the survivors again at the same
     `now` destroys nothing."""
     snaps = [s for s in snapshots if not s.bookmark]
     if not snaps:
         return []
     newest = max(snaps, key=lambda s: s.createtxg)
-    times = {}
-    for snap in snaps:
-        when = tool_snapshot_time(snap.name, prefix)
-        if when is None and foreign:
-            when = snap.creation
-        if when is not None:
-            times[snap] = when
+    times, _ = retention_ages(snaps, prefix, foreign)
     kept = _kept_by_rules(times, rules, now)
     doomed = [s for s in times if s not in kept and s != newest and s.guid not in protect
               and not s.cloned]
     return sorted(doomed, key=lambda s: s.createtxg)
+
+
+def retention_ages(snapshots: Sequence[Snapshot], prefix: str, foreign: bool = False
+                   ) -> Tuple[Dict[Snapshot, int], Dict[Snapshot, str]]:
+    """(the time by which retention ages each snapshot it counts; why it
+    counts none of the others that it would: each is kept, and reported).
+
+    A backup is aged by its receipt (RECEIVED), which this host wrote: never
+    by a name or a creation time, which the node chose. One without a receipt
+    that came before the first with one was received before receipts were
+    written, and is aged as it was then: by its name's time, or (another
+    tool's, with `foreign`) its creation. One without a receipt after that is
+    not counted; nor one whose name's time is not when it was made (a name
+    that a node made up). Snapshots of other tools, without `foreign`, are
+    neither counted nor reported."""
+    snaps = [s for s in snapshots if not s.bookmark]
+    recorded = [s.createtxg for s in snaps if s.received is not None]
+    receipts_since = min(recorded, default=None)
+    times, doubtful = {}, {}
+    for snap in snaps:
+        named = tool_snapshot_time(snap.name, prefix)
+        if named is None and not foreign:
+            continue
+        if named is not None and abs(named - snap.creation) > NAME_TIME_SLACK:
+            doubtful[snap] = 'its name says {}, but it was made {}'.format(
+                _utc(named), _utc(snap.creation))
+        elif snap.received is not None:
+            times[snap] = snap.received
+        elif receipts_since is None or snap.createtxg < receipts_since:
+            times[snap] = snap.creation if named is None else named
+        else:
+            doubtful[snap] = 'it has no receipt ({})'.format(RECEIVED)
+    return times, doubtful
+
+
+def _utc(when: int) -> str:
+    return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(when))
 
 
 def _kept_by_rules(times: Dict[Snapshot, int], rules, now) -> Set[Snapshot]:
@@ -2027,6 +2224,25 @@ def parse_mbuffer_size(text: str) -> str:
     return text
 
 
+# What a receive on the backup host sets, by the type the source's listing
+# announced: a filesystem never mounts (canmount=noauto; and a volume's
+# stream is refused, as canmount does not apply to it); nothing on it could
+# run if it did; a volume's partitions stay hidden from this host (no
+# partition table, LVM or file system of a guest is read here).
+RECEIVE_OVERRIDES = {
+    'filesystem': {'canmount': 'noauto', 'setuid': 'off', 'exec': 'off', 'devices': 'off'},
+    'volume': {'volmode': 'dev'},
+}
+# What it takes from no stream (recv -x: inherited from the backup root, or
+# the default): where to mount and what to share, and reservations of space.
+# A volume's too keep mountpoint: a filesystem's stream sent in its place
+# then lands under the parent's mountpoint=none, and is destroyed at once.
+RECEIVE_EXCLUDES = {
+    'filesystem': ('mountpoint', 'sharenfs', 'sharesmb', 'reservation', 'refreservation'),
+    'volume': ('mountpoint', 'reservation', 'refreservation'),
+}
+
+
 def transfer_commands(opts: TransferOptions, remote: bool) -> Tuple[list, list]:
     """The commands around zfs send and zfs recv, (sending side, receiving
     side): compression where the stream crosses ssh, mbuffer where it lands."""
@@ -2051,12 +2267,15 @@ def send_args(step, src: Dataset, raw: bool) -> List[str]:
     return ['send', *flags, src.name + step.snapshot.ref]
 
 
-def recv_args(dst: str, props: Dict[str, str], mount: bool = False) -> List[str]:
-    """zfs recv: resumable (-s), setting `props`, and not mounted (-u) unless
-    `mount`."""
+def recv_args(dst: str, props: Dict[str, str], mount: bool = False,
+              excludes: Sequence[str] = ()) -> List[str]:
+    """zfs recv: resumable (-s), setting `props`, taking none of `excludes`
+    from the stream, and not mounted (-u) unless `mount`."""
     args = ['recv', '-s'] + ([] if mount else ['-u']) + ['-v']
     for key, value in sorted(props.items()):
         args += ['-o', '{}={}'.format(key, value)]
+    for key in excludes:
+        args += ['-x', key]
     return args + [dst]
 
 
@@ -2104,6 +2323,10 @@ def pipeline_text(stages: Sequence[Stage]) -> str:
 # ==============================================================================
 
 MAX_STEPS = 6       # resume, abort, rollback, full, incremental, and one spare
+# How zfs recv refuses a stream of another type than the options it was
+# given are for (RECEIVE_OVERRIDES), before anything of it lands.
+NOT_ITS_TYPE = re.compile(r"^cannot receive.*: (property '[^']*' does not apply to datasets "
+                          r"of this type)", re.M)
 MISSING_DATASET = re.compile(r"cannot open '[^']*': dataset does not exist")
 
 
@@ -2166,32 +2389,68 @@ class KeyNotLoaded(PvesyncError):
     exit_code = EXIT_CANNOT_START
 
 
+class BadAnswer(PvesyncError):
+    """A host answered what its zfs would not: nothing of it is used."""
+
+
 def list_datasets(host, names: Sequence[str], depth=1, needs=()) -> Dict[str, Dataset]:
     """One zfs list for all of `names`; the ones that do not exist are left out.
     With `needs`, the same round trip checks for those programs (Host.run)."""
     if not names:
         return {}
     try:
-        return parse_zfs_list(host.run(host.zfs(*zfs_list_args(names, depth)), needs))
+        output = host.run(host.zfs(*zfs_list_args(names, depth)), needs)
     except CommandError as exc:
         lines = [line for line in exc.stderr.splitlines() if line.strip()]
-        if lines and all(MISSING_DATASET.search(line) for line in lines):
-            return parse_zfs_list(exc.stdout)
-        raise
+        if not (lines and all(MISSING_DATASET.search(line) for line in lines)):
+            raise
+        output = exc.stdout
+    try:
+        return parse_zfs_list(output)
+    except ValueError as exc:
+        raise BadAnswer('{}: zfs list answered {}; nothing of its answer is used'.format(
+            host.name, exc))
 
 
-def read_resume_token(host, token: str) -> Optional[Tuple[Optional[str], int]]:
-    """(the dataset a partial receive's token sends from, the bytes still to
-    send), as `zfs send -n -v -P -t` on `host` reads the token; None when the
-    host cannot send it (its snapshot is gone there)."""
+def read_receipts(host, parents: Sequence[str]) -> Dict[str, int]:
+    """The receipts this host set on the snapshots of the children of
+    `parents` (parse_receipts): one zfs get."""
+    if not parents:
+        return {}
+    return parse_receipts(host.run(host.zfs(
+        'get', '-H', '-p', '-s', 'local', '-o', 'name,value', '-t', 'snapshot', '-d', '2',
+        RECEIVED, *parents)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSends:
+    """What a partial receive's resume token sends, as `zfs send -n -v -P -t`
+    reads it: the dataset it names and the guid of the snapshot (zfs send -t
+    looks that up by guid, anywhere in the pool: the name is only a label),
+    and the bytes still to send."""
+    dataset: Optional[str]
+    guid: Optional[int]
+    remaining: int
+
+    def is_of(self, dataset: Dataset) -> bool:
+        """Whether it sends a snapshot of `dataset`, by name and by guid."""
+        return self.dataset in (None, dataset.name) and self.guid in {
+            s.guid for s in dataset.snapshots if not s.bookmark}
+
+
+def read_resume_token(host, token: str) -> Optional[TokenSends]:
+    """What `token` sends, as `host` reads it; None when the host cannot send
+    it (its snapshot is gone there)."""
     try:
         out = host.run(host.zfs('send', '-n', '-v', '-P', '-t', token))
     except CommandError as exc:
         log.info('%s: resume token unusable: %s', host.name, exc)
         return None
     named = re.search(r'^\s*toname = ([^@\n]*)@', out, re.M)
+    guid = re.search(r'^\s*toguid = (0x[0-9a-f]+|[0-9]+)$', out, re.M)
     sizes = re.findall(r'^(?:size|full|incremental)\t.*?(\d+)$', out, re.M)
-    return (named.group(1) if named else None), (int(sizes[-1]) if sizes else 0)
+    return TokenSends(named.group(1) if named else None, int(guid.group(1), 0) if guid else None,
+                      int(sizes[-1]) if sizes else 0)
 
 
 def _ancestors(dataset: str) -> List[str]:
@@ -2317,6 +2576,75 @@ def lock_directory(wanted: Optional[str]) -> str:
                     'name one with --lock-dir'.format(tempfile.gettempdir()))
 
 
+# What the tool does with zfs on the backup host, as OpenZFS delegates it:
+# `zfs allow -u USER PERMISSIONS ROOT` on the backup root, whose mountpoint
+# is none, lets USER run the sync and restores without sudo. Not among them:
+# mountpoint, setuid, exec, devices, share (so neither the user nor a stream
+# can set those below the root: all inherit the root's) and snapshot, clone,
+# promote, allow, load-key.
+BACKUP_PERMISSIONS = ('create', 'destroy', 'mount', 'receive', 'rollback', 'rename', 'send',
+                      'userprop', 'canmount', 'volmode')
+
+
+def delegated_permissions(allow_text: str, user: str, groups: Collection[str]) -> Set[str]:
+    """What `zfs allow DATASET` says `user` (by name, by one of its `groups`,
+    or as everyone) may do below DATASET: the Descendent and Local+Descendent
+    permissions of DATASET and of its ancestors. Permission sets (@NAME) are
+    not looked into."""
+    held, applies = set(), False
+    for line in allow_text.splitlines():
+        words = line.split()
+        if not line[:1].isspace():
+            applies = line.strip() in ('Descendent permissions:',
+                                       'Local+Descendent permissions:')
+        elif applies and len(words) >= 2 and (
+                words[0] == 'everyone' or words[:2] == ['user', user]
+                or (words[0] == 'group' and words[1] in groups)):
+            held.update(words[-1].split(','))
+    return held
+
+
+def backup_host(dataset: str) -> LocalHost:
+    """This host, as the tool works on `dataset` (the backup root, or a
+    dataset below it): without sudo when this user holds every one of
+    BACKUP_PERMISSIONS there by delegation, on a root that is not mounted
+    (mountpoint=none, where the user cannot set another); else with sudo, as
+    LocalHost() (a warning says why, when it holds some of them)."""
+    here = LocalHost()
+    if not here.sudo:
+        return here
+    bare = LocalHost(may_set=())       # reads need no privilege
+    for name in [dataset, *_ancestors(dataset)]:
+        try:
+            allowed = bare.run(['zfs', 'allow', name])
+            break
+        except CommandError:        # it does not exist (yet): its parent decides
+            continue
+    else:
+        return here
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    held = delegated_permissions(allowed, user, _group_names())
+    if not held:
+        return here
+    missing = [p for p in BACKUP_PERMISSIONS if p not in held]
+    mountpoint = bare.run(['zfs', 'get', '-H', '-o', 'value', 'mountpoint', name]).strip()
+    if missing or mountpoint != 'none':
+        log.warning('%s holds zfs permissions on %s by delegation, but %s; so zfs runs with '
+                    'sudo (README.rst: Security)', user, name,
+                    'not ' + ','.join(missing) if missing else
+                    'its mountpoint is {}, not none'.format(mountpoint))
+        return here
+    return LocalHost(may_set=held)
+
+
+def _group_names() -> Set[str]:
+    names = set()
+    for gid in {os.getegid(), *os.getgroups()}:
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(gid).gr_name)
+    return names
+
+
 class SyncRun:
     """One run over many jobs: lists each host once (all side by side),
     snapshots each group at once, then syncs job after job; a failing job
@@ -2388,7 +2716,7 @@ class SyncRun:
         except MissingPrograms as exc:
             self.missing[host.name] = exc.names
             return
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             for job in jobs:
                 self._fail(job, 'cannot list its source: {}'.format(exc))
             return
@@ -2406,11 +2734,20 @@ class SyncRun:
             self.dst = list_datasets(self.dst_host, parents, depth=2,
                                      needs=self._programs(self.dst_host, jobs))
             self._check_keys(parents)
+            if self._needs_receipts():
+                receipts = read_receipts(self.dst_host, [p for p in parents if p in self.dst])
+                self.dst = {name: with_receipts(d, receipts) for name, d in self.dst.items()}
         except MissingPrograms as exc:
             self.missing[self.dst_host.name] = exc.names
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             for job in jobs:
                 self._fail(job, 'cannot list the destination: {}'.format(exc))
+
+    def _needs_receipts(self) -> bool:
+        """Whether this run ages backups, or may destroy some by a flag."""
+        opts = self.opts
+        return not self.dst_host.is_remote and bool(
+            opts.keep_destination or opts.rollback or opts.destroy_diverged)
 
     def _check_keys(self, parents):
         """Stop the run when the dataset that receives a backup (its parent,
@@ -2555,14 +2892,20 @@ class SyncRun:
         try:
             if self.opts.dry_run:
                 return self._show_plan(job, src, dst)
+            if dst is not None and dst.type != src.type and not self.dst_host.is_remote:
+                raise SyncError('it is a {}, but its source is a {}; nothing was sent: '
+                                'rename or remove it'.format(dst.type, src.type))
             for _ in range(MAX_STEPS):
                 plan = self._plan(src, dst)
                 if plan.action == 'diverged':
                     raise SyncError(plan.problem)
                 if not plan.steps:
                     break
+                earlier = dst
                 done.append(self._run_step(job, src, dst, plan.steps[0], result))
                 dst = list_datasets(self.dst_host, [job.dst]).get(job.dst)
+                if not self.dst_host.is_remote:
+                    dst = self._check_received(job, src, earlier, dst)
                 src = learn_guids(src, dst)
             else:
                 raise SyncError('still not in sync after {} steps'.format(MAX_STEPS))
@@ -2582,6 +2925,37 @@ class SyncRun:
                 log.warning('%s: after the sync: %s', job.dst, exc)
         result.seconds = time.monotonic() - started
         log.info('%s: %s', job.dst, result.status)
+
+    def _check_received(self, job, src, earlier, dst) -> Optional[Dataset]:
+        """What a receive here brought, checked and recorded: a dataset of
+        another type than the source's listing said is undone (destroyed, or
+        rolled back to where it was) and fails the volume; each new snapshot
+        gets its receipt (RECEIVED, RECEIVED_FROM). Returns `dst` as it is now."""
+        if dst is None:
+            return None
+        if dst.type != src.type:
+            self._undo_receive(job, earlier)
+            raise SyncError('{} sent a {} for {}, which its listing says is a {}; it was undone '
+                            'here'.format(job.src_host.name, dst.type, job.src, src.type))
+        receipts = {dst.name + s.ref: s.received for s in (earlier.snapshots if earlier else ())
+                    if s.received is not None}
+        known = {s.guid for s in (earlier.snapshots if earlier else ())}
+        new = [s for s in dst.snapshots if not s.bookmark and s.guid not in known]
+        if new:
+            now = int(time.time())
+            self.dst_host.run(self.dst_host.zfs(
+                'set', '{}={}'.format(RECEIVED, time.strftime(RECEIPT_TIME, time.gmtime(now))),
+                '{}={}'.format(RECEIVED_FROM, dict(job.props).get('node') or job.src_host.name),
+                *(dst.name + s.ref for s in new)))
+            receipts.update((dst.name + s.ref, now) for s in new)
+        return with_receipts(dst, receipts)
+
+    def _undo_receive(self, job, earlier):
+        newest = [s for s in (earlier.snapshots if earlier else ()) if not s.bookmark][-1:]
+        if newest:
+            self.dst_host.run(self.dst_host.zfs('rollback', '-r', job.dst + newest[0].ref))
+        else:
+            self.dst_host.run(self.dst_host.zfs('destroy', '-r', job.dst))
 
     def _record_origin(self, job, before, dst) -> List[str]:
         """Bring the recorded origin up to date (a receive sets it, but an
@@ -2633,10 +3007,25 @@ class SyncRun:
                               self.opts.snapshot_prefix, protect={base},
                               foreign=self.opts.thin_foreign)
 
+    def _report_uncounted(self, dst):
+        """Say which snapshots the keep schedule keeps without counting them."""
+        if not self.opts.keep_destination:
+            return
+        _, doubtful = retention_ages(dst.snapshots, self.opts.snapshot_prefix,
+                                     self.opts.thin_foreign)
+        if doubtful:
+            (snap, why), more = next(iter(doubtful.items())), len(doubtful) - 1
+            log.warning('%s: %d snapshot(s) kept and not counted by --keep-destination, as '
+                        'retention ages a backup only by the receipt this host wrote: @%s '
+                        '(%s)%s; remove them by hand if they are no backups',
+                        dst.name, len(doubtful), snap.name, why,
+                        ' and {} more'.format(more) if more else '')
+
     def _apply_retention(self, job, src, dst, result):
         """Thin the destination now; queue the source's commands for one ssh
         per host at the end of the run."""
         base = newest_common_guid(src, dst)
+        self._report_uncounted(dst)
         thinned = self._thinned(dst, base)
         if thinned:
             self.dst_host.run(self.dst_host.zfs('destroy', snapshot_spec(dst.name, thinned)))
@@ -2668,11 +3057,14 @@ class SyncRun:
     def _run_step(self, job, src, dst, step, result) -> str:
         """Carry out one step of a plan; returns what it did, for the summary."""
         if isinstance(step, RollbackStep):
+            self._say_what_goes(job, dst, later_snapshots(dst, step.snapshot), '--rollback')
             self.dst_host.run(self._rollback_cmd(job, step))
             log.warning('%s: rolled back to @%s', dst.name, step.snapshot.name)
             return 'rolled back to @' + step.snapshot.name
         if step_is_full(step) and dst is not None:
             # Only with --destroy-diverged does a full stream meet an existing dataset.
+            self._say_what_goes(job, dst, [s for s in dst.snapshots if not s.bookmark],
+                                '--destroy-diverged')
             self.dst_host.run(self.dst_host.zfs('destroy', '-r', dst.name))
             log.warning('%s: destroyed (it shared no snapshot with %s)', dst.name, src.name)
         if isinstance(step, ResumeStep):
@@ -2687,40 +3079,69 @@ class SyncRun:
         if step_is_full(step):
             self._create_parent(job.dst)
         stages = self._transfer_stages(job, src, step, estimate)
-        output = run_pipeline(stages, capture=True)
+        try:
+            output = run_pipeline(stages, capture=True)
+        except CommandError as exc:
+            refused = NOT_ITS_TYPE.search(exc.stderr)
+            if refused and not self.dst_host.is_remote:
+                raise SyncError('{} sent a stream that is no {}, though its listing says {} is '
+                                'one: zfs recv refused it ({}), and nothing of it was kept'.format(
+                                    job.src_host.name, src.type, job.src, refused.group(1)))
+            raise
         result.sent += received_bytes(output)
         return describe_step(step)
+
+    def _say_what_goes(self, job, dst, snapshots, flag):
+        """Before --rollback or --destroy-diverged destroys backups that came
+        from the node (it no longer has them, or their base), say so: a node
+        that deletes its own snapshots must not erase its history here unseen."""
+        received = [s for s in snapshots if s.received is not None
+                    or tool_snapshot_time(s.name, self.opts.snapshot_prefix) is not None]
+        if received:
+            log.warning('%s: %s destroys %d backup(s) that %s sent here and no longer shares '
+                        'with it (%s): a node that deleted its own snapshots erases their '
+                        'history here with this flag; run it by hand, never from cron',
+                        dst.name, flag, len(received), job.src_host.name,
+                        ', '.join('@' + s.name for s in received[:5])
+                        + (' ...' if len(received) > 5 else ''))
 
     def _rollback_cmd(self, job, step):
         return self.dst_host.zfs('rollback', '-r', job.dst + step.snapshot.ref)
 
     def _transfer_stages(self, job, src, step, estimate):
-        props = {} if isinstance(step, ResumeStep) else receive_props(job, src)
+        here = not self.dst_host.is_remote
+        props, excludes = {}, []
+        if here or not isinstance(step, ResumeStep):
+            props, excludes = receive_options(job, src, here, self.dst_host.may_set)
         raw = src.encrypted if job.raw is None else job.raw
         return build_transfer(job.src_host, self.dst_host, send_args(step, src, raw),
-                              recv_args(job.dst, props, job.mount),
+                              recv_args(job.dst, props, job.mount, excludes),
                               self.opts.transfer, job.dst, estimate)
 
     def _resume_estimate(self, job, step) -> Optional[int]:
         """Bytes still to send for a resume token; None when the token is stale.
         A token is resumed only for the source it came from: it names what the
         source sends, and a destination is no authority on that."""
-        read = read_resume_token(job.src_host, step.token)
-        if read is None:
+        sends = read_resume_token(job.src_host, step.token)
+        if sends is None:
             return None
-        source, size = read
-        if source not in (None, job.src):
+        if not sends.is_of(self.src[(job.src_host.name, job.src)]):
+            other = sends.dataset or 'another dataset'
             raise SyncError(
                 'it holds a partial receive of {0}, not of its source {1}, so it is not '
                 'resumed (that would send {0}); if {1} is right, abort it: zfs recv -A '
-                '{2}'.format(source, job.src, job.dst))
-        return size
+                '{2}'.format(other, job.src, job.dst))
+        return sends.remaining
 
     def _create_parent(self, dst):
+        """A parent that never mounts: mountpoint=none; by delegation, which
+        does not grant setting a mountpoint, the backup root's none inherited
+        and canmount=off (zfs create would try to mount it)."""
         parent = dst.rpartition('/')[0]
+        unmounted = 'canmount=off' if self.dst_host.may_set is not None else 'mountpoint=none'
         with self._mutex:
             if parent not in self.dst:
-                self.dst_host.run(self.dst_host.zfs('create', '-o', 'mountpoint=none', parent))
+                self.dst_host.run(self.dst_host.zfs('create', '-o', unmounted, parent))
                 self.dst[parent] = Dataset(parent, 'filesystem')
 
     def _show_plan(self, job, src, dst):
@@ -2786,14 +3207,27 @@ def transfer_lanes(jobs: Sequence[SyncJob], per_node: int) -> List[List[SyncJob]
             for lane in lanes[rank:rank + 1] if lane]
 
 
-def receive_props(job: SyncJob, src: Dataset) -> Dict[str, str]:
-    """The properties a receive sets: the job's own, the recorded origin, and
-    for a backed-up filesystem canmount=noauto, so that it never mounts."""
+def receive_options(job: SyncJob, src: Dataset, here: bool,
+                    may_set: Optional[Collection[str]] = None) -> Tuple[Dict[str, str], List[str]]:
+    """(the properties a receive sets, those it takes from no stream): the
+    job's own and the recorded origin. Received here, from a node, no stream
+    sets what could mount, share or run from a backup, or take space from the
+    others, nor the origin records the tool trusts: RECEIVE_OVERRIDES and
+    RECEIVE_EXCLUDES for the type the source's listing announced (those for a
+    filesystem refuse a volume's stream before it lands), and -x of the
+    origin records not set here. `may_set`: what this host's user may set,
+    where it works by delegation: a stream cannot set the rest either, which
+    inherit the backup root's (an -o or -x of them would only warn)."""
     props = dict(job.receive_props)
     props.update((PROPERTY_PREFIX + key, value) for key, value in job.props)
-    if src.type == 'filesystem' and not job.mount:
-        props['canmount'] = 'noauto'
-    return props
+    if not here:        # a restore: the node's gate keeps from it what could mount there
+        return props, []
+    props.update((key, value) for key, value in RECEIVE_OVERRIDES[src.type].items()
+                 if may_set is None or key in may_set)
+    excludes = [key for key in RECEIVE_EXCLUDES[src.type] if may_set is None or key in may_set]
+    excludes += [PROPERTY_PREFIX + key for key in RECORDED_KEYS
+                 if PROPERTY_PREFIX + key not in props]
+    return props, excludes
 
 
 def step_is_full(step) -> bool:
@@ -3356,9 +3790,12 @@ def _drop_missing_boot_devices(new, config):
 
 
 def read_kept_configs(host, backup: GuestBackup) -> Dict[str, str]:
-    """The configs kept with the guest's snapshots, by snapshot name: one zfs get."""
-    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-o', 'name,value',
-                            PROPERTY_PREFIX + 'config', *(v.name for v in backup.volumes)))
+    """The configs kept with the guest's snapshots, by snapshot name: one zfs
+    get. Only those this host set (-s local): a node's stream may bring its
+    snapshots with values of their own."""
+    out = host.run(host.zfs('get', '-H', '-p', '-d', '1', '-t', 'snapshot', '-s', 'local',
+                            '-o', 'name,value', PROPERTY_PREFIX + 'config',
+                            *(v.name for v in backup.volumes)))
     configs = {}
     for line in out.splitlines():
         name, _, value = line.partition('\t')
@@ -3910,6 +4347,12 @@ class Session:
 
     def connect(self) -> Tuple[PveApi, PveCluster]:
         cluster_cfg = self.cluster_config()
+        if not cluster_cfg.verify_ssl:
+            log.warning('[pve:%s] has verify_ssl=no: the API\'s certificate is not checked, so '
+                        'whoever is on the way to %s can take its place and read the %s; pin '
+                        'it with fingerprint= (a run without verify_ssl=no shows the line to '
+                        'write)', cluster_cfg.name, cluster_cfg.host,
+                        'token' if cluster_cfg.token_id else 'password')
         api = PveApi(cluster_cfg)
         return api, read_cluster(api, cluster_cfg.name)
 
@@ -4002,7 +4445,9 @@ def cmd_sync_pve_guest(session: Session) -> int:
                for g in guests if g.volumes is None]
     for problem in unknown:
         log.error('%s', problem)
-    rename_guest_backups(LocalHost(), root, cluster.name, guests, args.dry_run)
+    here = backup_host(root)
+    rename_guest_backups(here, root, cluster.name,
+                         [g for g in guests if g.volumes is not None], args.dry_run)
     jobs = []
     for guest in guests:
         config = config_to_keep(cluster.name, guest)
@@ -4010,7 +4455,7 @@ def cmd_sync_pve_guest(session: Session) -> int:
                            session.volume_host(cluster, guest, volume), config)
                  for volume in guest.volumes or () if volume.skip is None]
     freeze = guest_freezer(api, guests) if args.fsfreeze else None
-    status = run_jobs(session, jobs, freeze)
+    status = run_jobs(session, here, jobs, freeze)
     return EXIT_FAILED if unknown else status
 
 
@@ -4049,10 +4494,12 @@ def cmd_planb_transport(session: Session) -> int:
     jobs = [volume_job(planb_child(fileset, volume), cluster.name, guest, volume,
                        session.volume_host(cluster, guest, volume), config)
             for volume in guest.volumes if volume.skip is None]
-    prepare_planb_dataset(LocalHost(), fileset, args.dry_run)
-    take_planb_kept_snapshots(LocalHost(), fileset, args.dry_run)
+    here = backup_host(fileset.dataset)
+    prepare_planb_dataset(here, fileset, args.dry_run)
+    take_planb_kept_snapshots(here, fileset, args.dry_run)
     freeze = guest_freezer(api, [guest]) if args.fsfreeze else None
-    return run_jobs(session, jobs, freeze, planb_sync_options(fileset, sync_options(session)))
+    return run_jobs(session, here, jobs, freeze,
+                    planb_sync_options(fileset, sync_options(session)))
 
 
 def config_to_keep(cluster: str, guest: PveGuest) -> Optional[str]:
@@ -4128,7 +4575,7 @@ def cmd_status(session: Session) -> int:
     root = session.zfs_root()
     api, cluster = session.connect()
     guests = read_guest_volumes(api, cluster, select_guests(cluster, selection))
-    found = list_datasets(LocalHost(), [root], depth=3)
+    found = list_datasets(backup_host(root), [root], depth=3)
     jobs, notes = [], {}
     for guest in guests:
         if guest.volumes is None:   # its node is offline: what the backup holds
@@ -4170,7 +4617,7 @@ def read_sources(jobs: Sequence[SyncJob], notes: Dict[str, str]) -> Dict[str, Da
     def read(host, host_jobs):
         try:
             listed = list_datasets(host, sorted({j.src for j in host_jobs}))
-        except CommandError as exc:
+        except (CommandError, BadAnswer) as exc:
             notes.update((j.dst, 'source unknown: {}'.format(exc)) for j in host_jobs)
             return
         sources.update((j.dst, listed[j.src]) for j in host_jobs if j.src in listed)
@@ -4221,7 +4668,7 @@ def cmd_sync_filesystem(session: Session) -> int:
         raise UsageError('DST must be a local dataset below a pool, like tank/enc/name')
     job = SyncJob(src_host=src_host, src=src, dst=args.dst,
                   props=(('source', args.src),))
-    return run_jobs(session, [job], None)
+    return run_jobs(session, backup_host(args.dst), [job], None)
 
 
 def transfer_options(args) -> TransferOptions:
@@ -4244,13 +4691,13 @@ def sync_options(session: Session) -> SyncOptions:
         keep_destination=keep_destination, thin_foreign=args.thin_foreign_snapshots)
 
 
-def run_jobs(session: Session, jobs: Sequence[SyncJob], freeze,
+def run_jobs(session: Session, here: LocalHost, jobs: Sequence[SyncJob], freeze,
              opts: Optional[SyncOptions] = None) -> int:
-    """Sync `jobs` with `opts` (default: the command line's), then print the
-    results; exit 1 when one failed."""
+    """Sync `jobs` into `here` with `opts` (default: the command line's),
+    then print the results; exit 1 when one failed."""
     args = session.args
     started = time.monotonic()
-    results = SyncRun(jobs, LocalHost(), opts or sync_options(session), freeze=freeze).run()
+    results = SyncRun(jobs, here, opts or sync_options(session), freeze=freeze).run()
     for result in results:
         if result.status == 'failed':
             log.error('%s', format_result(result))
@@ -4289,11 +4736,13 @@ def _guest_word(session: Session) -> str:
     return names[0]
 
 
-def read_guest_backup(session: Session) -> Tuple[LocalHost, str, GuestBackup,
-                                                  List[RestorePoint]]:
+def read_guest_backup(session: Session, delegated=True) -> Tuple[LocalHost, str, GuestBackup,
+                                                                  List[RestorePoint]]:
     """The backups of the -g guest and their restore points, from this host
-    alone: no API call, so that it works while the cluster is down."""
-    here, root = LocalHost(), session.zfs_root()
+    alone: no API call, so that it works while the cluster is down. Not
+    `delegated`: with sudo (or as root), whatever zfs allow grants."""
+    root = session.zfs_root()
+    here = backup_host(root) if delegated else LocalHost()
     found = list_datasets(here, [root], depth=3)
     if root not in found:
         raise UsageError('--sync-zfs-root {} does not exist here'.format(root))
@@ -4474,8 +4923,8 @@ def _check_targets(host, here, volumes, point, disks_only):
 def _target_state(here, volume, point, existing) -> str:
     state = restore_states([volume], point, existing)[volume.dataset]
     if state == 'resume':   # a partial receive: resumed only when it is of this backup
-        read = read_resume_token(here, existing[volume.dataset].resume_token)
-        if read is None or read[0] not in (None, volume.backup.name):
+        sends = read_resume_token(here, existing[volume.dataset].resume_token)
+        if sends is None or not sends.is_of(volume.backup):
             return 'exists'
     return state
 
@@ -4539,7 +4988,7 @@ def cmd_mount_restore_point(session: Session) -> int:
     and devices off), and it is mounted inside PATH, which only the user who
     mounted it may enter: the guest's owners and modes mean nothing here."""
     args = session.args
-    here, root, backup, points = read_guest_backup(session)
+    here, root, backup, points = read_guest_backup(session, delegated=False)    # it mounts
     point = choose_restore_point(points, args.at, backup.label)
     volume = _volume_to_mount(backup, points, point, args.volume)
     path = os.path.abspath(args.path)
@@ -4736,10 +5185,11 @@ def _add_sync_options(parser, planb=False):
                         help='send only the newest snapshot (zfs send -i, not -I)')
     parser.add_argument('--rollback', action='store_true',
                         help='roll a changed destination back to the newest common '
-                             'snapshot, destroying what came after it there')
+                             'snapshot, destroying what came after it there (by hand, '
+                             'never from cron)')
     parser.add_argument('--destroy-diverged', action='store_true',
                         help='destroy a destination that shares no snapshot with '
-                             'its source, and copy it anew')
+                             'its source, and copy it anew (by hand, never from cron)')
     parser.add_argument('--keep-source', metavar='N|all', default=argparse.SUPPRESS,
                         type=_option_type(parse_keep_source),
                         help="keep the newest N of this tool's snapshots on the "

@@ -329,3 +329,70 @@ def test_commands_that_call_no_api_start_without_the_http_stack(tmp_path):
                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
         _, loaded = done.stdout.splitlines()[-1].split(' ', 1)
         assert loaded == '[]', (args, done.stdout, done.stderr)
+
+
+def test_verify_ssl_no_warns_once_per_run(capsys, rc):
+    config = rc('verify_ssl=no')
+    code, out, err = run(capsys, '-f', config, 'list-pve-guests')
+    assert code == 0 and out.startswith('demo/qemu/100/')
+    assert err.count('\n') == 1 and err.startswith(
+        'planb-pvesync: warning: [pve:demo] has verify_ssl=no: ')
+    assert 'password' in err and 'planbpass' not in err
+
+
+def hostile_cluster(tmp_path, change):
+    data = json.loads(FIXTURE.read_text())
+    change(data)
+    fixture = tmp_path / 'hostile.json'
+    write_fixture(fixture, data)
+    return PveDouble(fixture)
+
+
+def guest_config(data, vmid):
+    return next(g for g in data['guests'] if g['vmid'] == vmid)['config']
+
+
+@pytest.mark.parametrize('name', ['web\ndemo/qemu/999/evil(on)', '_restore', '../x', 'a/b',
+                                  '-oProxyCommand=x', 'VM 107'])
+def test_a_guest_name_pve_would_not_give_is_not_used(capsys, rc, tmp_path, name):
+    with hostile_cluster(tmp_path, lambda d: guest_config(d, 106).update(name=name)) as pve:
+        config = rc('fingerprint=' + pve.fingerprint,
+                    api='https://planb@pve:planbpass@127.0.0.1:{}'.format(pve.port))
+        code, out, err = run(capsys, '-f', config, 'list-pve-guests', '-g', '106')
+        assert (code, err) == (0, '')
+        assert out.splitlines() == [
+            'demo/qemu/106/106(on)',
+            '  (volumes unknown: its name {!r} is no name PVE gives (a DNS name), so it is '
+            "not backed up; is that the cluster's API?)".format(name)]
+        code, out, err = run(capsys, '-f', config, 'sync-pve-guest', '-g', '106',
+                             '--sync-zfs-root', 'tank/nowhere', '-n')
+    assert code != 0 and 'not backed up' in err and name not in out
+
+
+@pytest.mark.parametrize('change, words', [
+    (lambda d: d['nodes'][0].update(ip='10.99.1.1 -oProxyCommand=x'),
+     "node 'pve1' the address '10.99.1.1 -oProxyCommand=x', which is no IP address"),
+    (lambda d: d['storage'][1].update(storage='local zfs'),
+     "storage 'local zfs', which is no name PVE gives"),
+])
+def test_an_api_that_answers_what_pve_never_gives_changes_nothing(capsys, rc, tmp_path,
+                                                                  change, words):
+    with hostile_cluster(tmp_path, change) as pve:
+        config = rc('fingerprint=' + pve.fingerprint,
+                    api='https://planb@pve:planbpass@127.0.0.1:{}'.format(pve.port))
+        code, out, err = run(capsys, '-f', config, 'list-pve-guests')
+    assert (code, out) == (3, '') and words in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('change, words', [
+    (lambda d: guest_config(d, 106).update(scsi0='local-zfs:../../ROOT/pve-1,size=8M'),
+     "scsi0 names the volume '../../ROOT/pve-1' on local-zfs, which is no name PVE gives"),
+    (lambda d: d['storage'][1].update(pool='rpool/data\nrpool/ROOT'),
+     "storage local-zfs has the pool 'rpool/data\\nrpool/ROOT', which is no ZFS dataset name"),
+])
+def test_a_volume_pve_would_not_name_so_is_not_backed_up(capsys, rc, tmp_path, change, words):
+    with hostile_cluster(tmp_path, change) as pve:
+        config = rc('fingerprint=' + pve.fingerprint,
+                    api='https://planb@pve:planbpass@127.0.0.1:{}'.format(pve.port))
+        code, out, err = run(capsys, '-f', config, 'list-pve-guests', '-g', '106')
+    assert (code, err) == (0, '') and words in out and 'ROOT/pve' not in out.replace(words, '')

@@ -13,8 +13,9 @@ import pytest
 from planb_pvesync import (
     CommandError, Dataset, DatasetLock, LocalHost, LockError, MissingPrograms, NotSetUp,
     ResumeStep, SendStep, Snapshot, SshHost, SshSettings, Stage, SyncJob, TransferOptions,
-    build_transfer, ending_with_tool, lock_directory, pipeline_text, receive_props, recv_args,
-    remote_command, run_pipeline, send_args, setup_problem, transfer_programs)
+    build_transfer, delegated_permissions, ending_with_tool, lock_directory, pipeline_text,
+    receive_options, recv_args, remote_command, run_pipeline, send_args, setup_problem,
+    transfer_programs)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = ["rpool/data/vm 1@my snap:1", "it's", 'a;b', '$(reboot)', '`x`', 'tab\there']
@@ -57,22 +58,74 @@ def test_send_args():
 
 
 def test_recv_args_never_mount_unless_asked():
-    assert recv_args('tank/enc/g/x', {'canmount': 'noauto', 'planb-pvesync:vmid': '106'}) == [
+    assert recv_args('tank/enc/g/x', {'canmount': 'noauto', 'planb-pvesync:vmid': '106'},
+                     excludes=['mountpoint', 'planb-pvesync:source']) == [
         'recv', '-s', '-u', '-v', '-o', 'canmount=noauto',
-        '-o', 'planb-pvesync:vmid=106', 'tank/enc/g/x']
+        '-o', 'planb-pvesync:vmid=106', '-x', 'mountpoint', '-x', 'planb-pvesync:source',
+        'tank/enc/g/x']
     assert recv_args('rpool/data/subvol-9-disk-0', {'refquota': '64M'}, mount=True) == [
         'recv', '-s', '-v', '-o', 'refquota=64M', 'rpool/data/subvol-9-disk-0']
 
 
-def test_receive_props_record_the_origin_and_keep_backups_unmounted():
+ORIGIN_EXCLUDES = ['planb-pvesync:cluster', 'planb-pvesync:node', 'planb-pvesync:storage',
+                   'planb-pvesync:volume', 'planb-pvesync:source',
+                   'planb-pvesync:restored-from']
+
+
+def test_a_backup_takes_from_the_stream_nothing_that_could_mount_run_or_reserve():
     job = SyncJob(LocalHost(), 'rpool/data/subvol-200-disk-0', 'tank/enc/ct/x',
                   props=(('vmid', '200'),))
-    assert receive_props(job, Dataset(job.src, 'filesystem')) == {
-        'canmount': 'noauto', 'planb-pvesync:vmid': '200'}
-    assert receive_props(job, Dataset(job.src, 'volume')) == {'planb-pvesync:vmid': '200'}
+    props, excludes = receive_options(job, Dataset(job.src, 'filesystem'), here=True)
+    assert props == {'canmount': 'noauto', 'setuid': 'off', 'exec': 'off', 'devices': 'off',
+                     'planb-pvesync:vmid': '200'}
+    assert excludes == ['mountpoint', 'sharenfs', 'sharesmb', 'reservation',
+                        'refreservation'] + ORIGIN_EXCLUDES
+    props, excludes = receive_options(job, Dataset(job.src, 'volume'), here=True)
+    assert props == {'volmode': 'dev', 'planb-pvesync:vmid': '200'}
+    assert excludes == ['mountpoint', 'reservation', 'refreservation'] + ORIGIN_EXCLUDES
+
+
+def test_by_delegation_only_what_the_user_may_set_is_excluded():
+    job = SyncJob(LocalHost(), 'pool/fs', 'tank/enc/fs', props=(('source', 'h:pool/fs'),))
+    props, excludes = receive_options(job, Dataset(job.src, 'filesystem'), here=True,
+                                      may_set={'receive', 'canmount', 'reservation'})
+    assert props == {'canmount': 'noauto', 'planb-pvesync:source': 'h:pool/fs'}
+    assert excludes == ['reservation'] + [
+        'planb-pvesync:' + key for key in ('cluster', 'node', 'storage', 'volume', 'vmid',
+                                              'restored-from')]
+
+
+def test_a_restore_sets_what_it_asks_and_leaves_the_rest_to_the_gate():
     restore = SyncJob(LocalHost(), 'tank/enc/ct/x', 'rpool/data/subvol-9-disk-0',
                       receive_props=(('refquota', '64M'),), mount=True)
-    assert receive_props(restore, Dataset(restore.src, 'filesystem')) == {'refquota': '64M'}
+    assert receive_options(restore, Dataset(restore.src, 'filesystem'), here=False) == (
+        {'refquota': '64M'}, [])
+
+
+ALLOWED = """\
+---- Permissions on tank/enc/backups ---------------------------------
+Local permissions:
+\tuser planb snapshot
+Local+Descendent permissions:
+\tuser planb create,destroy,mount,receive
+\tgroup backup rename
+\teveryone send
+\tuser planbx rollback
+---- Permissions on tank/enc ------------------------------------------
+Descendent permissions:
+\tuser planb userprop
+Create time permissions:
+\tdestroy
+Permission sets:
+\t@backup canmount,volmode
+"""
+
+
+def test_delegated_permissions_on_a_dataset_and_its_ancestors_below_it():
+    assert delegated_permissions(ALLOWED, 'planb', {'planb', 'backup'}) == {
+        'create', 'destroy', 'mount', 'receive', 'rename', 'send', 'userprop'}
+    assert delegated_permissions(ALLOWED, 'other', {'other'}) == {'send'}
+    assert delegated_permissions('', 'planb', {'planb'}) == set()
 
 
 def remote(user='planb'):

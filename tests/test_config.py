@@ -143,14 +143,39 @@ def test_missing_file_points_to_the_man_page(tmp_path):
         load_config(str(tmp_path / 'nope'))
 
 
-def test_readable_secrets_warn(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(planb_pvesync.log, 'propagate', True)   # main() may have cleared it
+@pytest.mark.parametrize('mode', [0o644, 0o640, 0o604, 0o620])
+def test_a_config_others_may_read_or_change_is_refused(tmp_path, mode):
     path = tmp_path / 'rc'
     path.write_text('[pve:c]\napi=https://u@pve:p@h\n')
-    os.chmod(path, 0o644)
-    load_config(str(path))
-    assert 'chmod 600' in caplog.text
-    caplog.clear()
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert str(exc.value) == (
+        '{0}: users other than its owner may read or change it (mode {1:04o}), and it '
+        "holds the API's password or token; nothing was done; run: chmod 600 {0}".format(
+            path, mode))
     os.chmod(path, 0o600)
-    load_config(str(path))
-    assert caplog.text == ''
+    assert load_config(str(path)).clusters['c'].password == 'p'
+
+
+@pytest.mark.parametrize('url', ['http://planb@pve:SECRET@pve1', 'planb@pve:SECRET@pve1',
+                                 'http://planb@pve:SE:CR@ET@pve1:8006',
+                                 'ftp://planb@pve:a://SECRET@pve1'])
+def test_no_message_shows_the_password(url):
+    with pytest.raises(ConfigError) as exc:
+        parse_config('[pve:c]\napi={}\n'.format(url), 'rc')
+    assert 'must start with https://' in str(exc.value)
+    assert 'SECRET' not in str(exc.value) and 'CR' not in str(exc.value)
+    assert ':***@pve1' in str(exc.value)
+
+
+@pytest.mark.parametrize('text, shown', [
+    ('password=SECRET\n[pve:c]\n', 'line 1 (password=***) comes before any section'),
+    ('api=https://planb@pve:SECRET@pve1\n', 'line 1 (api=https://planb@pve:***@pve1) comes'),
+    ('[pve:c]\napi=https://u@pve:p@h\npassword SECRET\n', 'line 3 (password ***) is no KEY='),
+    ('[pve:c]\napi=https://u@pve:p@h\ntoken SECRET\n', 'line 3 (token ***) is no KEY='),
+])
+def test_a_line_a_message_shows_shows_no_password(text, shown):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, 'rc')
+    assert shown in str(exc.value) and 'SECRET' not in str(exc.value)

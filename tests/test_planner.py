@@ -1,9 +1,10 @@
 """The sync planner: snapshot lists in, a plan out. Pure, so tested exhaustively."""
+import pytest
 from hypothesis import given, strategies as st
 
 from planb_pvesync import (
-    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, learn_guids, parse_zfs_list,
-    plan_sync)
+    Dataset, ResumeStep, RollbackStep, SendStep, Snapshot, TokenSends, ZFS_LIST_PROPS,
+    is_zfs_name, learn_guids, parse_receipts, parse_zfs_list, plan_sync, with_receipts)
 
 
 def snap(name, guid, txg, bookmark=False, written=10):
@@ -199,6 +200,59 @@ def test_parse_zfs_list():
     assert (fs.encryption_root, vol.encryption_root) == ('tank/enc', None)
     assert (fs.key_loaded, vol.key_loaded) == (False, True)
     assert fs.recorded == {'cluster': 'demo', 'node': 'pve1', 'vmid': '106'}
+
+
+def listed(name, kind='volume', guid='1', txg='5'):
+    fields = [name, kind, guid, txg] + ['-'] * (len(ZFS_LIST_PROPS) - 4)
+    return '\t'.join(fields)
+
+
+@pytest.mark.parametrize('line', [
+    listed('rpool/data/vm-1-disk-0\trpool/ROOT'),              # a column too many
+    listed('rpool/data/vm-1-disk-0')[:-2],                      # one too few
+    listed('rpool/data/vm-1-disk-0', 'zvol'),
+    listed('rpool/data/vm-1-disk-0@s', 'volume'),              # a snapshot as a volume
+    listed('rpool/data/vm-1-disk-0', 'snapshot'),
+    listed('rpool/data/vm-1-disk-0#b', 'snapshot'),
+    listed('rpool/data/../vm-1-disk-0'), listed('rpool//x'), listed('/rpool/x'),
+    listed('rpool/data/vm-1-disk-0@a@b', 'snapshot'), listed('rpool/x,y'),
+    listed('rpool/data/vm-1-disk-0', guid='0x10'), listed('rpool/x', txg='-'),
+    listed('rpool/' + 'x' * 300),
+])
+def test_a_listing_zfs_would_not_print_is_refused(line):
+    good = listed('rpool/data/vm-2-disk-0')
+    assert list(parse_zfs_list(good + '\n')) == ['rpool/data/vm-2-disk-0']
+    with pytest.raises(ValueError, match="a line that is no zfs list of ZFS's"):
+        parse_zfs_list(good + '\n' + line + '\n')
+
+
+@pytest.mark.parametrize('name, marks, ok', [
+    ('rpool', '', True), ('rpool/data/vm 1:a.b_c-d', '', True), ('rpool/x@daily 1', '@#', True),
+    ('rpool/x#b', '@#', True), ('rpool/x@s', '', False), ('1pool/x', '', False),
+    ('rpool/x/', '', False), ('rpool/./x', '', False), ('rpool/x@..', '@#', False),
+    ('rpool/x\ny', '', False), ('rpool/x%recv', '', False), ('', '', False),
+])
+def test_is_zfs_name(name, marks, ok):
+    assert is_zfs_name(name, marks) == ok
+
+
+def test_receipts_are_read_as_this_host_set_them():
+    receipts = parse_receipts('tank/enc/g/v@a\t2024-06-15T12:00:00Z\n'
+                              'tank/enc/g/v@b\tyesterday\n')
+    assert receipts == {'tank/enc/g/v@a': 1718452800}
+    dataset = Dataset('tank/enc/g/v', 'volume', snapshots=(
+        snap('a', 1, 1), snap('b', 2, 2), snap('a', 1, 1, bookmark=True)))
+    assert [s.received for s in with_receipts(dataset, receipts).snapshots] == [
+        1718452800, None, None]
+
+
+def test_a_resume_token_is_of_a_dataset_by_name_and_by_guid():
+    backup = Dataset('tank/enc/g/v', 'volume', snapshots=(snap('a', 11, 1), snap('b', 12, 2)))
+    assert TokenSends('tank/enc/g/v', 12, 100).is_of(backup)
+    assert TokenSends(None, 11, 100).is_of(backup)
+    assert not TokenSends('tank/enc/g/v', 99, 100).is_of(backup)     # another's, by guid
+    assert not TokenSends('tank/enc/h/w', 12, 100).is_of(backup)
+    assert not TokenSends('tank/enc/g/v', None, 100).is_of(backup)
 
 
 # A property test: whatever the source's history and whichever prefix of it

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from planb_pvesync import (
     KEEP_PERIODS, KeepRule, Snapshot, format_keep_schedule, parse_keep_schedule,
-    prune_source, snapshot_name, thin_snapshots, tool_snapshot_time)
+    prune_source, retention_ages, snapshot_name, thin_snapshots, tool_snapshot_time)
 
 H, DAY = 3600, 86400
 NOW = calendar.timegm((2024, 6, 15, 12, 0, 0))     # a Saturday
@@ -134,6 +134,76 @@ def test_foreign_snapshots_are_thinned_only_when_asked_and_by_creation():
     snaps, rules = [manual, other_prefix, tool(NOW - H)], parse_keep_schedule('all:1w')
     assert thin_snapshots(snaps, rules, NOW, 'planb') == []
     assert thin_snapshots(snaps, rules, NOW, 'planb', foreign=True) == [manual, other_prefix]
+
+
+def received(when, txg, name_time=None, creation=None, receipt=True):
+    """A snapshot this host received at `when`: named by the tool at
+    `name_time`, made on the node at `creation` (both `when` unless said)."""
+    name_time = when if name_time is None else name_time
+    return Snapshot(snapshot_name('planb', name_time), guid=txg, createtxg=txg,
+                    creation=when if creation is None else creation,
+                    received=when if receipt else None)
+
+
+SCHEDULE = parse_keep_schedule('all:2d,daily:2w,weekly:3m,monthly:1y')
+
+
+def nightly(nights, receipt=True):
+    """A backup at 01:30 UTC on each of the last `nights` nights, and one today."""
+    return [received(NOW - 10.5 * H - k * DAY, txg=1000 - k, receipt=receipt)
+            for k in range(nights, -1, -1)]
+
+
+def forged(count, txg=2000, receipt=True):
+    """`count` snapshots made today under names of the tool dated at midnight
+    of the days before, as a node that wants real backups aged out makes them."""
+    return [received(NOW - H, txg=txg + k, name_time=NOW - 12 * H - k * DAY, receipt=receipt)
+            for k in range(1, count + 1)]
+
+
+@pytest.mark.parametrize('receipts', [True, False])
+def test_forged_names_age_out_no_genuine_backup(receipts):
+    genuine, fake = nightly(60, receipts), forged(60, receipt=receipts)
+    newest = received(NOW - 30, txg=3000, receipt=receipts)
+    alone = thin_snapshots(genuine + [newest], SCHEDULE, NOW, 'planb')
+    assert len(alone) > 20 and newest not in alone
+    doomed = thin_snapshots(genuine + fake + [newest], SCHEDULE, NOW, 'planb')
+    assert doomed == alone          # the same genuine ones, and no forged one
+    times, doubtful = retention_ages(genuine + fake + [newest], 'planb')
+    assert set(doubtful) == set(fake) and set(times) == set(genuine + [newest])
+    assert doubtful[fake[0]] == ('its name says 2024-06-14 00:00:00 UTC, but it was made '
+                                 '2024-06-15 11:00:00 UTC')
+
+
+def test_a_backup_is_aged_by_its_receipt_not_by_its_name_or_creation():
+    # Named and made 40 days ago (the node's clock, or a crafted stream), received now.
+    late = received(NOW - 40 * DAY, txg=10)
+    late = dataclasses.replace(late, received=NOW - H)
+    assert thin_snapshots([late, received(NOW, txg=11)], parse_keep_schedule('all:2d'),
+                          NOW, 'planb') == []
+    assert retention_ages([late], 'planb')[0] == {late: NOW - H}
+
+
+def test_backups_from_before_receipts_age_by_name_and_later_ones_without_count_not():
+    legacy = received(NOW - 30 * DAY, txg=10, receipt=False)
+    first = received(NOW - 20 * DAY, txg=20)
+    unrecorded = received(NOW - 10 * DAY, txg=30, receipt=False)   # a receive cut off before it
+    newest = received(NOW, txg=40)
+    times, doubtful = retention_ages([legacy, first, unrecorded, newest], 'planb')
+    assert times == {legacy: NOW - 30 * DAY, first: NOW - 20 * DAY, newest: NOW}
+    assert doubtful == {unrecorded: 'it has no receipt (planb-pvesync:received)'}
+    assert thin_snapshots([legacy, first, unrecorded, newest], parse_keep_schedule('all:1w'),
+                          NOW, 'planb') == [legacy, first]
+
+
+def test_foreign_snapshots_count_by_receipt_or_before_receipts_by_creation():
+    manual = Snapshot('manual', guid=1, createtxg=1, creation=NOW - 30 * DAY)
+    theirs = Snapshot('autosnap', guid=2, createtxg=2, creation=NOW - 30 * DAY,
+                      received=NOW - 3 * DAY)
+    mine = received(NOW, txg=3)
+    assert retention_ages([manual, theirs, mine], 'planb') == ({mine: NOW}, {})
+    assert retention_ages([manual, theirs, mine], 'planb', foreign=True) == (
+        {manual: NOW - 30 * DAY, theirs: NOW - 3 * DAY, mine: NOW}, {})
 
 
 def test_prune_source_keeps_the_newest_own_snapshots():

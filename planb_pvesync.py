@@ -130,14 +130,19 @@ def exit_text(code: int) -> str:
 # by itself, and the cause is in the lines before.
 RESUME_HINT = re.compile(r'^(Partially received snapshot is saved|A resuming stream can be '
                          r'generated)', re.M)
+# zfs recv warns of each -x it was given for a property that a dataset of
+# this type lacks (mountpoint for a volume): the tool passes those on purpose.
+TYPE_WARNING = re.compile(r"^Warning: .*: property '[^']*' does not apply to datasets of "
+                          r"this type$")
 
 
 def own_words(stderr: str, lines=3) -> str:
     """What a failed program said, on one line: its last few lines (zfs breaks
-    one message over two), without zfs recv's hint on resuming by hand."""
+    one message over two), without zfs recv's hint on resuming by hand or
+    its warnings of properties excluded on purpose."""
     match = RESUME_HINT.search(stderr)
     text = stderr[:match.start()] if match else stderr
-    said = [line for line in text.splitlines() if line.strip()]
+    said = [line for line in text.splitlines() if line.strip() and not TYPE_WARNING.match(line)]
     return ' '.join(' '.join(said[-lines:]).split())
 
 

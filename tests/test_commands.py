@@ -225,6 +225,15 @@ def test_run_pipeline_names_the_stage_that_failed_first_in_its_own_words():
     assert exc.value.stderr == 'boom\ntruncated'
 
 
+def test_a_receive_failure_is_told_without_the_warnings_of_properties_excluded_on_purpose():
+    said = ("Warning: tank/enc/v1: property 'mountpoint' does not apply to datasets of this "
+            "type\ncannot receive incremental stream: out of space")
+    with pytest.raises(CommandError) as exc:
+        run_pipeline([Stage('zfs recv', ['sh', '-c', 'printf "%s\\n" "$0" >&2; exit 1', said])])
+    assert str(exc.value) == ('zfs recv failed (exit 1): cannot receive incremental stream: '
+                              'out of space')
+
+
 def test_the_receiver_failing_while_the_sender_still_sends_is_the_cause():
     """zrepl's ReplicationReceiverErrorWhileStillSending: the receiving end
     gives up mid-stream; the stages before it then fail on the closed pipe,

@@ -5019,10 +5019,12 @@ def cmd_mount_restore_point(session: Session) -> int:
     inside = os.path.join(path, _volume_keys(backup, points).get(
         volume.name, volume.name.rsplit('/', 1)[-1]))
     origin = '{}@{}'.format(volume.name, point.name)
-    harmless = ['-o', 'readonly=on', '-o', 'setuid=off', '-o', 'exec=off', '-o', 'devices=off',
-                '-o', '{}={}'.format(MOUNTED_AT, inside)]
+    # A volume has no setuid, exec or devices: its partition is mounted with
+    # nosuid,nodev,noexec instead (_mount_partition).
+    harmless = ['-o', 'readonly=on', '-o', '{}={}'.format(MOUNTED_AT, inside)]
     if volume.type == 'filesystem':
-        here.run(here.zfs('clone', *harmless, '-o', 'mountpoint=' + inside, origin, clone))
+        here.run(here.zfs('clone', *harmless, '-o', 'setuid=off', '-o', 'exec=off',
+                          '-o', 'devices=off', '-o', 'mountpoint=' + inside, origin, clone))
         what = 'its file system'
     else:
         here.run(here.zfs('clone', *harmless, '-o', 'volmode=full', origin, clone))
